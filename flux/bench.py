@@ -1,13 +1,13 @@
-"""Prefill / decode / router speed of routed attention against the fastest dense path, on one CUDA GPU.
+"""Speed of flux on one CUDA GPU: the kernels alone, and `FluxModel.generate` end to end against dense baselines.
 
     python -m flux.bench                                   # Hydra (conf/bench.yaml), overrides as usual
     python -m flux.bench --no-hydra lengths=[8192,32768]   # same config and override syntax, no Hydra needed
 
 Random weights from a backbone config (speed does not depend on the values). Sections, each switchable in the
-config: kernel correctness at real shapes (``checks``), one attention layer alone (``kernels``), whole-model time to
-first token (``prefill``), CUDA-graph decode (``decode``), and the router as a per-layer op (``router``). Every
-figure is also a ratio to the dense baseline measured in the same run: SDPA's fastest backend for prefill (chosen
-per length from the kernel section), the split-KV Triton kernel over a full cache for decode when it beats SDPA.
+config: kernel correctness at real shapes (``checks``), one attention layer alone (``kernels``: dense SDPA backends
+vs the Triton kernels), ``generate`` (the product path: `FluxModel.generate` with a router in the loop, fixed
+plans, the engine's dense plan and transformers' own `generate`; see flux/bench_generate.py), and the router as a
+per-layer op (``router``). Every figure is also a ratio to a dense baseline measured in the same run.
 Writes ``bench.json``, ``table.md`` and ``speedup.png`` to ``output_dir``.
 """
 
@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import yaml
 from tqdm import tqdm
-
-from flux.plan import spread_sa_layers
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
@@ -69,8 +67,20 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("lengths", "batch_sizes"):
         if not cfg[key] or any(int(x) < 1 for x in cfg[key]):
             raise BenchConfigError(f"{key}={cfg[key]} must be a non-empty list of positive integers")
-    if any(not 0.0 <= float(f) <= 1.0 for f in cfg["sa_fractions"]):
-        raise BenchConfigError(f"sa_fractions={cfg['sa_fractions']} must lie in [0, 1]")
+    targets = cfg["generate"]["sa_targets"]
+    if not targets or any(not 0.0 <= float(f) <= 1.0 for f in targets):
+        raise BenchConfigError(f"generate.sa_targets={targets} must be a non-empty list of fractions in [0, 1]")
+    for job in cfg["generate"]["jobs"]:
+        if job.get("batch") != "max" and (not isinstance(job.get("batch"), int) or job["batch"] < 1):
+            raise BenchConfigError(f"generate job {job}: batch must be a positive integer or 'max'")
+        if not isinstance(job.get("length"), int) or job["length"] < 1 or not job.get("plans"):
+            raise BenchConfigError(f"generate job {job}: needs a positive integer length and a list of plans")
+        for plan in job["plans"]:
+            name, _, at = str(plan).partition("@")
+            if name not in ("dense", "hf", "hf_static", "router", "static", "replay") or (
+                    at and not 0 <= float(at) <= 1):
+                raise BenchConfigError(f"generate job {job}: unknown plan {plan!r}; use dense, hf, hf_static, "
+                                       "router[@f], static[@f] or replay[@f] with f in [0, 1]")
     if cfg["dtype"] not in ("bfloat16", "float16"):
         raise BenchConfigError(f"dtype={cfg['dtype']!r}; the bench runs bfloat16 or float16")
     if int(cfg["sink"]) < 0 or int(cfg["window"]) < 1:
@@ -200,9 +210,27 @@ def run_checks(cfg: dict[str, Any], device: torch.device) -> list[dict[str, Any]
     return results
 
 
-def _dense_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
-    from flux.fast_decode import sdpa_causal
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """Causal SDPA with GQA on a chosen backend ('auto' lets torch pick, as the engine does)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    gqa = q.shape[1] != k.shape[1]
+    if backend == "auto":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    if backend == "cudnn" and gqa:
+        # the forced cuDNN path expands kv heads (a copy, counted in its time) rather than rely on that backend's
+        # GQA support; 'auto' passes enable_gqa and lets torch choose
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        gqa = False
+    with sdpa_kernel([chosen]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
+def _dense_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
     scale = q.shape[-1] ** -0.5
     variants = {name: (lambda name=name: sdpa_causal(q, k, v, scale, name)) for name in DENSE_BACKENDS}
     variants["auto"] = lambda: sdpa_causal(q, k, v, scale, "auto")
@@ -216,7 +244,7 @@ def run_kernels(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     prefill_rows, decode_rows = [], []
     jobs = [(b, t) for t in cfg["lengths"] for b in cfg["batch_sizes"]]
     for b, t in tqdm(jobs, desc="kernels", file=sys.stdout):
-        if b * t <= int(cfg["prefill"]["max_tokens"]):
+        if b * t <= int(cfg["kernels"]["prefill_max_tokens"]):
             prefill_rows.append(_kernel_prefill_row(cfg, device, b, t))
         decode_rows.append(_kernel_decode_row(cfg, device, b, t))
         torch.cuda.empty_cache()
@@ -302,163 +330,6 @@ def _sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
-def _best_dense_backend(kernel_rows: list[dict[str, Any]], batch: int, length: int) -> tuple[str, float]:
-    for row in kernel_rows:
-        if row["batch"] == batch and row["length"] == length:
-            return row["dense_best_backend"], row["dense_best_ms"]
-    return "auto", math.nan
-
-
-def run_prefill(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device,
-                kernel_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Whole-model time to first token per (batch, length, SA fraction); FA layers on the best dense backend."""
-    layers = model.config.num_hidden_layers
-    pcfg = cfg["prefill"]
-    rows = []
-    jobs = [(b, t, f) for t in cfg["lengths"] for b in cfg["batch_sizes"] for f in cfg["sa_fractions"]
-            if b * t <= int(pcfg["max_tokens"])]
-    for b, t, f in tqdm(jobs, desc="prefill", file=sys.stdout):
-        backend, attn_ms = _best_dense_backend(kernel_rows, b, t)
-        plan = spread_sa_layers(layers, float(f))
-        row: dict[str, Any] = {"batch": b, "length": t, "sa_fraction": float(f), "sa_layers": sum(plan),
-                               "fa_backend": backend, "dense_attn_layer_ms": attn_ms}
-        try:
-            row["ttft_ms"], row["peak_mem_gib"] = _time_prefill(model, cfg, device, plan, b, t, backend)
-        except torch.OutOfMemoryError:
-            row["ttft_ms"] = "oom"
-        torch.cuda.empty_cache()
-        rows.append(row)
-    for row in rows:
-        dense = next((r for r in rows if r["batch"] == row["batch"] and r["length"] == row["length"]
-                      and r["sa_fraction"] == 0.0), None)
-        if dense is None or not isinstance(dense["ttft_ms"], float) or not isinstance(row["ttft_ms"], float):
-            continue
-        row["speedup"] = dense["ttft_ms"] / row["ttft_ms"]
-        ideal = ideal_speedup(dense["ttft_ms"], row["sa_layers"], row["dense_attn_layer_ms"])
-        row["ideal_speedup"] = ideal
-        row["fraction_of_ideal"] = row["speedup"] / ideal
-        row["fraction_of_ideal_gain"] = (row["speedup"] - 1) / (ideal - 1) if ideal > 1 else None
-    return rows
-
-
-def _time_prefill(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device, plan: list[bool], b: int,
-                  t: int, backend: str) -> tuple[float, float]:
-    """(median TTFT ms, peak GiB) of FastDecoder.prefill on random token ids."""
-    from flux.fast_decode import FastDecoder
-
-    pcfg = cfg["prefill"]
-    dec = FastDecoder(model, plan, int(cfg["sink"]), int(cfg["window"]), b, t + 1, fa_prefill=backend,
-                      mlp_chunk=int(pcfg["mlp_chunk"]))
-    ids = torch.randint(0, model.config.vocab_size, (b, t), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    ms = cuda_time(lambda: dec.prefill(ids), int(pcfg["warmup"]), int(pcfg["repeats"]))
-    return ms, torch.cuda.max_memory_allocated(device) / GIB
-
-
-def _kv_bytes_per_sample(plan: Sequence[bool], capacity: int, ring: int, hkv: int, d: int, elem: int) -> int:
-    return sum(2 * hkv * d * elem * (ring if sa else capacity) for sa in plan)
-
-
-def run_decode(model: torch.nn.Module, cfg: dict[str, Any], device: torch.device,
-               bandwidth: float) -> list[dict[str, Any]]:
-    """CUDA-graph decode per (batch, length, SA fraction), plus each plan at the largest batch that fits."""
-    from flux.fast_decode import FastDecoder
-
-    dcfg = cfg["decode"]
-    bb = cfg["backbone"]
-    layers, hkv, d = model.config.num_hidden_layers, bb["num_key_value_heads"], bb["head_dim"]
-    sink, window = int(cfg["sink"]), int(cfg["window"])
-    ring = sink + window
-    elem = torch.finfo(getattr(torch, cfg["dtype"])).bits // 8
-    steps, warm = int(dcfg["steps"]), int(dcfg["warmup"])
-    # Slots for every step a config runs: warm-up, timed windows, one eager window, a profiled window, capture.
-    extra = warm + (int(dcfg["repeats"]) + 1) * steps + 8
-    weights_read = weight_bytes_read_per_token(model)
-    total_mem = torch.cuda.get_device_properties(device).total_memory
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = total_mem - model_bytes - float(dcfg["memory_margin_gib"]) * GIB
-
-    jobs = []
-    for t in cfg["lengths"]:
-        capacity = t + extra
-        for f in cfg["sa_fractions"]:
-            plan = spread_sa_layers(layers, float(f))
-            per_sample = _kv_bytes_per_sample(plan, capacity, ring, hkv, d, elem)
-            fit = max(0, min(int(dcfg["max_batch_cap"]), int(budget // per_sample)))
-            for b in cfg["batch_sizes"]:
-                jobs.append((t, f, b, "fixed"))
-            if dcfg["max_batch"] and fit >= 1:
-                jobs.append((t, f, fit, "max"))
-    rows: list[dict[str, Any]] = []
-    profiles: list[str] = []
-    for t, f, b, kind in tqdm(jobs, desc="decode", file=sys.stdout):
-        plan = spread_sa_layers(layers, float(f))
-        capacity = t + extra
-        row: dict[str, Any] = {"batch": b, "length": t, "sa_fraction": float(f), "sa_layers": sum(plan),
-                               "batch_kind": kind}
-        try:
-            dec = FastDecoder(model, plan, sink, window, b, capacity)
-            for kc, vc in dec.caches:
-                kc.normal_()
-                vc.normal_()
-            dec.start_from_filled_cache(torch.randint(0, model.config.vocab_size, (b,), device=device), t)
-            dec.capture()
-            dec.decode(warm)
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            ms = statistics.median(_decode_window(dec, steps, True) for _ in range(int(dcfg["repeats"])))
-            if b == 1 and kind == "fixed" and float(f) in (0.0, 0.5):
-                row["eager_ms_per_token"] = _decode_window(dec, steps, False)
-            if b == 1 and kind == "fixed" and t == max(cfg["lengths"]) and float(f) in (0.0, 0.5):
-                profiles.append(_profile_decode(dec, f"batch 1, length {t}, SA fraction {f}"))
-            live_kv = sum(2 * hkv * d * elem * b * (min(t, ring) if sa else t) for sa in plan)
-            limit_ms = (weights_read + live_kv) / bandwidth * 1e3
-            row.update({"ms_per_token": ms, "tokens_per_s": b * 1e3 / ms, "kv_cache_gib": dec.kv_bytes / GIB,
-                        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / GIB,
-                        "bandwidth_limit_ms": limit_ms, "over_limit": ms / limit_ms})
-            del dec
-        except torch.OutOfMemoryError:
-            row["ms_per_token"] = "oom"
-        torch.cuda.empty_cache()
-        rows.append(row)
-    for row in rows:
-        dense = next((r for r in rows if r["length"] == row["length"] and r["sa_fraction"] == 0.0
-                      and r["batch"] == row["batch"] and isinstance(r.get("ms_per_token"), float)), None)
-        dense_max = next((r for r in rows if r["length"] == row["length"] and r["sa_fraction"] == 0.0
-                          and r["batch_kind"] == "max" and isinstance(r.get("ms_per_token"), float)), None)
-        if not isinstance(row.get("ms_per_token"), float):
-            continue
-        if dense is not None:
-            row["throughput_vs_dense_same_batch"] = row["tokens_per_s"] / dense["tokens_per_s"]
-        if dense_max is not None:
-            row["throughput_vs_dense_max_batch"] = row["tokens_per_s"] / dense_max["tokens_per_s"]
-    Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
-    (Path(cfg["output_dir"]) / "decode_profile.txt").write_text("\n\n".join(profiles))
-    return rows
-
-
-def _decode_window(dec: Any, steps: int, use_graph: bool) -> float:
-    """Milliseconds per decode step over `steps` consecutive steps (CUDA events around the whole window)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    dec.decode(steps, use_graph=use_graph)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps
-
-
-def _profile_decode(dec: Any, title: str) -> str:
-    """Per-kernel device time inside replayed decode steps (torch.profiler), to see where the step's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    steps = 4
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        dec.decode(steps, use_graph=True)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    return f"## {title} ({steps} steps)\n{table}"
-
-
 def run_router(cfg: dict[str, Any], model: torch.nn.Module, device: torch.device) -> list[dict[str, Any]]:
     """flux.router.LayerRouter's per-layer decision on real-size query states: the op as called (CUDA events, so
     host launch time shows), its device time alone (CUDA-graph replay), and wall time including the host read of
@@ -528,23 +399,20 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 def render_tables(result: dict[str, Any]) -> str:
     lines = [f"GPU: {result['env']['gpu']}; copy bandwidth {result['env']['copy_bw_tbps']:.2f} TB/s", ""]
-    if result.get("prefill"):
-        lines += ["| batch | length | SA frac | TTFT ms | speedup | ideal | of ideal | peak GiB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in result["prefill"]:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['sa_fraction']} | {_fmt(r['ttft_ms'], 1)} | "
-                         f"{_fmt(r.get('speedup'))} | {_fmt(r.get('ideal_speedup'))} | "
-                         f"{_fmt(r.get('fraction_of_ideal'))} | {_fmt(r.get('peak_mem_gib'), 1)} |")
-        lines.append("")
-    if result.get("decode"):
-        lines += [("| batch | kind | length | SA frac | ms/token | tok/s | vs dense (same B) | vs dense (max B) | "
-                   "x BW limit | KV GiB |"), "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["decode"]:
-            lines.append(f"| {r['batch']} | {r['batch_kind']} | {r['length']} | {r['sa_fraction']} | "
-                         f"{_fmt(r.get('ms_per_token'))} | {_fmt(r.get('tokens_per_s'), 0)} | "
-                         f"{_fmt(r.get('throughput_vs_dense_same_batch'))} | "
-                         f"{_fmt(r.get('throughput_vs_dense_max_batch'))} | {_fmt(r.get('over_limit'))} | "
-                         f"{_fmt(r.get('kv_cache_gib'), 1)} |")
+    rows = (result.get("generate") or {}).get("rows") or []
+    if rows:
+        lines += [("| batch | length | plan | SA frac | TTFT ms | decode ms/token | tokens/s | x BW limit | KV GiB | "
+                   "peak GiB | vs dense | vs hf |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            plan = r["plan"] + (f"@{r['target']}" if r.get("target") is not None else "")
+            if "error" in r:
+                lines.append(f"| {r['batch']} | {r['length']} | {plan} | {r['error']} |")
+                continue
+            lines.append(f"| {r['batch']} | {r['length']} | {plan} | {_fmt(r.get('sa_fraction'))} | "
+                         f"{_fmt(r.get('ttft_ms'), 1)} | {_fmt(r.get('decode_ms_per_token'))} | "
+                         f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('x_bw_limit'))} | {_fmt(r.get('kv_gib'))} | "
+                         f"{_fmt(r.get('peak_gib'), 1)} | {_fmt(r.get('speedup_vs_dense'))} | "
+                         f"{_fmt(r.get('speedup_vs_hf'))} |")
         lines.append("")
     if result.get("router"):
         lines += ["| length | router | ms/layer eager | device (CUDA graph) | eager + host sync |",
@@ -558,27 +426,32 @@ def render_tables(result: dict[str, Any]) -> str:
 
 
 def plot_speedups(result: dict[str, Any], path: Path) -> None:
-    """Prefill speedup and decode throughput ratio vs length, one line per SA fraction (batch 1 / batch 8)."""
+    """generate rows: TTFT speedup over the engine's dense plan (batch 1) and decode throughput ratio (batch > 1)
+    vs length, one line per plan."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in ((result.get("generate") or {}).get("rows") or []) if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((axes[0], result.get("prefill") or [], "speedup", "prefill TTFT speedup (batch 1)", 1, "fixed"),
-              (axes[1], result.get("decode") or [], "throughput_vs_dense_same_batch",
-               "decode throughput vs dense (batch 8)", 8, "fixed"))
-    for ax, rows, key, title, batch, kind in panels:
-        for frac in sorted({r["sa_fraction"] for r in rows}):
-            pts = sorted((r["length"], r[key]) for r in rows if r["sa_fraction"] == frac and r["batch"] == batch
-                         and r.get("batch_kind", "fixed") == kind and isinstance(r.get(key), float))
+    for ax, single, title in ((axes[0], True, "TTFT speedup vs engine dense (batch 1)"),
+                              (axes[1], False, "decode tokens/s vs engine dense (batch > 1)")):
+        labels = sorted({(r["plan"], r.get("target") or 0.0) for r in rows if r["plan"] != "dense"})
+        for plan, target in labels:
+            pts = sorted((r["length"], r["speedup_vs_dense"]) for r in rows
+                         if r["plan"] == plan and (r.get("target") or 0.0) == target
+                         and (r["batch"] == 1 and r.get("batch_kind", "fixed") == "fixed") == single
+                         and isinstance(r.get("speedup_vs_dense"), float))
             if pts:
-                ax.plot([p[0] // 1024 for p in pts], [p[1] for p in pts], marker="o", label=f"SA {frac:.2f}")
-        ax.set_xscale("log", base=2)
+                label = plan + (f"@{target}" if plan != "hf" else "")
+                ax.plot([p[0] // 1024 for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xlabel("context length (k tokens)")
         ax.set_title(title)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -610,23 +483,19 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         for c in result["checks"]:
             print(f"check {c['check']}: rel_err {c['rel_err']:.2e} {'ok' if c['ok'] else 'FAILED'}", flush=True)
         seconds["checks"], tick = time.perf_counter() - tick, time.perf_counter()
-    kernel_rows: list[dict[str, Any]] = []
     if cfg["kernels"]["enabled"]:
         result["kernels"] = run_kernels(cfg, device)
-        kernel_rows = result["kernels"]["prefill"]
         write_outputs(result, out_dir)
         seconds["kernels"], tick = time.perf_counter() - tick, time.perf_counter()
     model = build_model(cfg, device)
     result["env"]["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     seconds["model_init"], tick = time.perf_counter() - tick, time.perf_counter()
-    if cfg["prefill"]["enabled"]:
-        result["prefill"] = run_prefill(model, cfg, device, kernel_rows)
+    if cfg["generate"]["enabled"]:
+        from flux.bench_generate import run_generate
+
+        result["generate"] = {"rows": run_generate(cfg, model, device, bw)}
         write_outputs(result, out_dir)
-        seconds["prefill"], tick = time.perf_counter() - tick, time.perf_counter()
-    if cfg["decode"]["enabled"]:
-        result["decode"] = run_decode(model, cfg, device, bw)
-        write_outputs(result, out_dir)
-        seconds["decode"], tick = time.perf_counter() - tick, time.perf_counter()
+        seconds["generate"], tick = time.perf_counter() - tick, time.perf_counter()
     if cfg["router"]["enabled"]:
         result["router"] = run_router(cfg, model, device)
         seconds["router"] = time.perf_counter() - tick

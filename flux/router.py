@@ -76,11 +76,18 @@ def span_indices(segments: dict[str, torch.Tensor] | None, valid: torch.Tensor |
     """Token indices [B, 4, pool] (first/last `pool` tokens of context, then of question) and their validity.
 
     A sample without a marked segment (no segments at all, or an empty span) pools that segment over its whole real
-    sequence instead; spans shorter than `pool` are masked, never padded with other tokens.
+    sequence instead (its real tokens, wherever the padding is); spans shorter than `pool` are masked, never padded
+    with other tokens.
     """
-    start = (~valid).sum(dim=-1).to(device) if valid is not None else torch.zeros(batch, dtype=torch.long,
-                                                                                     device=device)
-    whole = torch.stack([start, torch.full_like(start, length)], dim=-1)
+    if valid is None:
+        start = torch.zeros(batch, dtype=torch.long, device=device)
+        end = torch.full_like(start, length)
+    else:
+        valid = valid.to(device)
+        pos = torch.arange(length, device=device)
+        start = torch.where(valid, pos, length).min(dim=-1).values
+        end = torch.where(valid, pos + 1, 0).max(dim=-1).values
+    whole = torch.stack([start, end], dim=-1)
     spans = [whole, whole]
     if segments and "context" in segments and "question" in segments:
         spans = [torch.where((seg[:, 1] > seg[:, 0])[:, None], seg, whole)
@@ -107,10 +114,11 @@ def pool_queries(query: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> 
     return pooled.reshape(b, -1)
 
 
-def gumbel_straight_through(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hard one-hot with soft gradients, soft sample) for logits [..., 2]."""
-    u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
+def gumbel_straight_through(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None,
+                            u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hard one-hot with soft gradients, soft sample) for logits [..., 2]; `u` reuses earlier uniform draws."""
+    if u is None:
+        u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
     g = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
     soft = ((logits.float() + g) / tau).softmax(dim=-1)
     hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
@@ -188,12 +196,14 @@ class RouterPlan(Plan):
         self.gates: dict[int, torch.Tensor] = {}
         self._global: torch.Tensor | None = None
         self._spans: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._noise: dict[int, torch.Tensor] = {}
 
     def begin_forward(self, valid: torch.Tensor | None) -> None:
         """Called by FluxModel before each forward: new padding, and no records or pooling indices from the last."""
         self.valid = valid
         self.logits, self.soft, self.gates = {}, {}, {}
         self._global, self._spans = None, None
+        self._noise = {}
 
     def spans(self, query: torch.Tensor, segments) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooling indices for this forward, built at the first routed layer and reused by the others."""
@@ -218,7 +228,11 @@ class RouterPlan(Plan):
             logits = router.logits_for(layer_idx, query, segments, self.valid, self.spans(query, segments))
         self.logits[layer_idx] = logits
         if router.training:
-            z, soft = gumbel_straight_through(logits, float(router.tau), self.generator)
+            # a layer re-run by gradient checkpointing draws the same Gumbel noise, so it routes as its forward did
+            if layer_idx not in self._noise:
+                self._noise[layer_idx] = torch.rand(logits.shape, device=logits.device, dtype=torch.float32,
+                                                    generator=self.generator)
+            z, soft = gumbel_straight_through(logits, float(router.tau), u=self._noise[layer_idx])
             self.soft[layer_idx] = soft[:, 0]
             self.gates[layer_idx] = z[:, 0]
             return LayerDecision(z[:, 0] < 0.5, gate=z[:, 0])

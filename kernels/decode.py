@@ -57,9 +57,12 @@ def _decode_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, START, END, KPOS, QPOS, ACC, M, L,
+    RK, RV, ROW_RING, ROW_LOCAL, END_RING,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    stride_rkb, stride_rkh, stride_rkt,
+    stride_rvb, stride_rvh, stride_rvt,
     stride_pb,
     kv_heads, capacity, chunk, num_splits, sink, window, qk_scale,
     GROUP: tl.constexpr,
@@ -70,6 +73,7 @@ def _decode_split_kernel(
     HAS_END: tl.constexpr,
     HAS_POS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    DUAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -89,8 +93,21 @@ def _decode_split_kernel(
     heads = kv_h * GROUP + offs_g
     q_ptr = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptr, mask=g_ok[:, None], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
+    if DUAL:
+        # each batch row reads its own cache: row ROW_LOCAL[b] of the full cache, or of the ring cache
+        row = tl.load(ROW_LOCAL + b).to(tl.int64)
+        if tl.load(ROW_RING + b) != 0:
+            end_b = tl.load(END_RING + b)
+            k_base = RK + row * stride_rkb + kv_h.to(tl.int64) * stride_rkh
+            v_base = RV + row * stride_rvb + kv_h.to(tl.int64) * stride_rvh
+            stride_kt = stride_rkt
+            stride_vt = stride_rvt
+        else:
+            k_base = K + row * stride_kb + kv_h.to(tl.int64) * stride_kh
+            v_base = V + row * stride_vb + kv_h.to(tl.int64) * stride_vh
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
 
     lo = tl.maximum(pid_s * chunk, start_b)
     hi = tl.minimum(pid_s * chunk + chunk, end_b)
@@ -196,6 +213,7 @@ def decode_attention(
     plan: DecodePlan | None = None,
     kv_pos: torch.Tensor | None = None,
     q_pos: torch.Tensor | None = None,
+    ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One-token attention: q [B, H, 1, D] over caches [B, Hkv, T, D] -> [B, H, 1, D] in q's dtype.
 
@@ -206,11 +224,18 @@ def decode_attention(
         slots before kv_end), visiting only those blocks.
       * positions: ``kv_pos`` [B, T] int real-token position per slot (-1 = empty) and ``q_pos`` [B] the query's
         position; a slot is seen iff 0 <= kv_pos <= q_pos and, with ``window``, kv_pos < sink or
-        q_pos - kv_pos < window. Serves caches of any slot order (e.g. ``flux.cache.RoutedCache`` rings).
+        q_pos - kv_pos < window. Serves caches of any slot order (ring buffers).
     Pass the same ``plan`` on every step of a captured CUDA graph (``plan_decode``); the default is recomputed
     from the shapes and is equally static.
+
+    Two caches at once (a batch whose rows keep different KV layouts): ``ring = (ring_k, ring_v, row_is_ring,
+    row_local, ring_end)``. Row b then reads row ``row_local[b]`` of ``k_cache``/``v_cache`` (slots [0, kv_end_b))
+    when ``row_is_ring[b] == 0``, else row ``row_local[b]`` of ``ring_k``/``ring_v`` (slots [0, ring_end_b)); the
+    caches hold only their own rows, so they may have fewer rows than the batch. Ranges mode only.
     """
     what = "decode_attention"
+    if ring is not None:
+        return _decode_dual(q, k_cache, v_cache, kv_end, scale, plan, ring)
     batch, heads, kv_heads, q_len, capacity, head_dim = check_qkv(q, k_cache, v_cache, what)
     if q_len != 1:
         raise ValueError(f"{what}: expected one query token per sample (q [B, H, 1, D]), got Tq={q_len}")
@@ -229,24 +254,39 @@ def decode_attention(
     plan = plan or plan_decode(batch, kv_heads, capacity, q.device, q.dtype)
     group = heads // kv_heads
 
-    part_acc = torch.empty(batch * heads * plan.num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(batch * heads * plan.num_splits, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+    part_acc, part_m, part_l = _partials(q, plan)
     dummy = part_m
     _decode_split_kernel[(plan.num_splits, batch * kv_heads)](
         q, k_cache, v_cache, start if start is not None else dummy, end if end is not None else dummy,
         kv_pos if kv_pos is not None else dummy, qp if qp is not None else dummy,
         part_acc, part_m, part_l,
+        k_cache, v_cache, dummy, dummy, dummy,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        0, 0, 0, 0, 0, 0,
         kv_pos.stride(0) if kv_pos is not None else 0,
         kv_heads, capacity, plan.chunk, plan.num_splits, int(sink), 0 if window is None else int(window), scale * LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=plan.block_n,
         HAS_START=start is not None, HAS_END=end is not None,
-        HAS_POS=kv_pos is not None, USE_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_POS=kv_pos is not None, USE_WINDOW=window is not None, DUAL=False,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
+    return _merge(part_acc, part_m, part_l, q, plan)
+
+
+def _partials(q: torch.Tensor, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-split buffers (unnormalised output, running max, running sum) of every (batch, head) row."""
+    rows = q.shape[0] * q.shape[1] * plan.num_splits
+    part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
+    return torch.empty(rows, q.shape[-1], dtype=torch.float32, device=q.device), part_m, torch.empty_like(part_m)
+
+
+def _merge(part_acc: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, q: torch.Tensor,
+           plan: DecodePlan) -> torch.Tensor:
+    """The reduce launch: one output row per (batch, head) from its splits' partial softmaxes."""
+    batch, heads, _, head_dim = q.shape
     out = torch.empty(batch, heads, 1, head_dim, dtype=q.dtype, device=q.device)
     block_d = min(head_dim, 32)
     _decode_reduce_kernel[(batch * heads, head_dim // block_d)](
@@ -255,3 +295,43 @@ def decode_attention(
         num_warps=4 if q.device.type == "cuda" else 1,
     )
     return out
+
+
+def _decode_dual(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_end: torch.Tensor | None,
+                 scale: float | None, plan: DecodePlan | None,
+                 ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """decode_attention over two caches, each batch row reading its own (see decode_attention's docstring)."""
+    what = "decode_attention(ring=...)"
+    ring_k, ring_v, row_ring, row_local, ring_end = ring
+    batch, heads, _, head_dim = q.shape
+    check_qkv(q[: k_cache.shape[0]], k_cache, v_cache, what)
+    check_qkv(q[: ring_k.shape[0]], ring_k, ring_v, what)
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    if ring_k.shape[1] != kv_heads or ring_k.shape[2] > capacity:
+        raise ValueError(f"{what}: the ring cache {tuple(ring_k.shape)} must have the full cache's kv heads and at "
+                         f"most its {capacity} slots")
+    end = check_per_sample(kv_end, batch, "kv_end", q.device, what)
+    ring_end = check_per_sample(ring_end, batch, "ring_end", q.device, what)
+    row_ring = check_per_sample(row_ring, batch, "row_is_ring", q.device, what)
+    row_local = check_per_sample(row_local, batch, "row_local", q.device, what)
+    if end is None:
+        raise ValueError(f"{what}: kv_end is required with two caches")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    plan = plan or plan_decode(batch, kv_heads, capacity, q.device, q.dtype)
+    group = heads // kv_heads
+    part_acc, part_m, part_l = _partials(q, plan)
+    _decode_split_kernel[(plan.num_splits, batch * kv_heads)](
+        q, k_cache, v_cache, part_m, end, part_m, part_m, part_acc, part_m, part_l,
+        ring_k, ring_v, row_ring, row_local, ring_end,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        ring_v.stride(0), ring_v.stride(1), ring_v.stride(2),
+        0, kv_heads, capacity, plan.chunk, plan.num_splits, 0, 0, scale * LOG2E,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=plan.block_n,
+        HAS_START=False, HAS_END=True, HAS_POS=False, USE_WINDOW=False, DUAL=True,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    return _merge(part_acc, part_m, part_l, q, plan)

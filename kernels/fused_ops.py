@@ -59,12 +59,15 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 @triton.jit
 def _qkv_rope_store_kernel(
     QKV, COS, SIN, QO, KC, VC, SLOT,
+    RK, RV, ROW_RING, ROW_LOCAL, SLOT_RING,
     stride_xb, stride_xt, stride_cb, stride_ct,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    stride_rkb, stride_rkh, stride_rkt,
+    stride_rvb, stride_rvh, stride_rvt,
     seq_len, n_q, n_kv,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SLOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SLOT: tl.constexpr, DUAL: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -79,6 +82,20 @@ def _qkv_rope_store_kernel(
     slot = 0
     if HAS_SLOT:
         slot = tl.load(SLOT + b)
+    # where this row's k/v go: row b of KC/VC, or (DUAL) row ROW_LOCAL[b] of the full or the ring cache
+    kv_row = b.to(tl.int64)
+    if DUAL:
+        kv_row = tl.load(ROW_LOCAL + b).to(tl.int64)
+        if tl.load(ROW_RING + b) != 0:
+            slot = tl.load(SLOT_RING + b)
+            KC = RK
+            VC = RV
+            stride_kb = stride_rkb
+            stride_kh = stride_rkh
+            stride_kt = stride_rkt
+            stride_vb = stride_rvb
+            stride_vh = stride_rvh
+            stride_vt = stride_rvt
     if head < n_q + n_kv:
         cs = b.to(tl.int64) * stride_cb + offs_t[:, None].to(tl.int64) * stride_ct
         c1 = tl.load(COS + cs + offs_h[None, :], mask=t_ok, other=0.0).to(tl.float32)
@@ -94,25 +111,30 @@ def _qkv_rope_store_kernel(
         else:
             kh = head - n_q
             pos = (slot + offs_t[:, None]).to(tl.int64)
-            dst = KC + b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + pos * stride_kt
+            dst = KC + kv_row * stride_kb + kh.to(tl.int64) * stride_kh + pos * stride_kt
         tl.store(dst + offs_h[None, :], o1, mask=t_ok)
         tl.store(dst + HALF + offs_h[None, :], o2, mask=t_ok)
     else:
         vh = head - n_q - n_kv
         pos = (slot + offs_t[:, None]).to(tl.int64)
-        dst = VC + b.to(tl.int64) * stride_vb + vh.to(tl.int64) * stride_vh + pos * stride_vt
+        dst = VC + kv_row * stride_vb + vh.to(tl.int64) * stride_vh + pos * stride_vt
         tl.store(dst + offs_h[None, :], x1.to(VC.dtype.element_ty), mask=t_ok)
         tl.store(dst + HALF + offs_h[None, :], x2.to(VC.dtype.element_ty), mask=t_ok)
 
 
 def qkv_rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int,
                    q_out: torch.Tensor, k_dst: torch.Tensor, v_dst: torch.Tensor,
-                   slot: torch.Tensor | None = None) -> None:
+                   slot: torch.Tensor | None = None,
+                   ring: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                   ) -> None:
     """Split a fused projection qkv [B, T, (n_q + 2 n_kv) * D], rotate q and k, and store all three in one launch.
 
     q goes to q_out [B, n_q, T, D]; k and v go to k_dst/v_dst [B, n_kv, S, D] at time index slot_b + t
     (``slot`` int [B] on the device, None = 0), which is how decode writes into a cache without a host sync.
     cos/sin are [B, T, D] as the model's rotary module returns them. All destinations may be strided views.
+    ``ring = (ring_k, ring_v, row_is_ring, row_local, ring_slot)`` (decode, T = 1) sends row b's k/v to row
+    ``row_local[b]`` of k_dst/v_dst at ``slot[b]``, or, where ``row_is_ring[b]``, of ring_k/ring_v at
+    ``ring_slot[b]``: one launch for a batch whose rows keep different cache layouts.
     """
     batch, seq_len, width = qkv.shape
     head_dim = q_out.shape[-1]
@@ -124,16 +146,22 @@ def qkv_rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q:
                          f"got {tuple(cos.shape)}")
     if qkv.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
         raise ValueError("qkv_rope_store: qkv/cos/sin need unit stride in the feature dim and cos/sin equal strides")
+    if ring is not None and (seq_len != 1 or slot is None):
+        raise ValueError("qkv_rope_store: two destination caches are for decode (T = 1) with per-row slots")
     block_t = 1 if seq_len == 1 else 32 if qkv.device.type == "cuda" else 8
     grid = (triton.cdiv(seq_len, block_t), batch, n_q + 2 * n_kv)
+    ring_k, ring_v, row_ring, row_local, ring_slot = ring if ring is not None else (k_dst, v_dst, cos, cos, cos)
     _qkv_rope_store_kernel[grid](
         qkv, cos, sin, q_out, k_dst, v_dst, slot if slot is not None else cos,
+        ring_k, ring_v, row_ring, row_local, ring_slot,
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_dst.stride(0), k_dst.stride(1), k_dst.stride(2),
         v_dst.stride(0), v_dst.stride(1), v_dst.stride(2),
+        ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+        ring_v.stride(0), ring_v.stride(1), ring_v.stride(2),
         seq_len, n_q, n_kv,
-        HEAD_DIM=head_dim, BLOCK_T=block_t, HAS_SLOT=slot is not None,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, HAS_SLOT=slot is not None, DUAL=ring is not None,
         num_warps=4 if qkv.device.type == "cuda" else 1,
     )
 

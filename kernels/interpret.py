@@ -15,7 +15,7 @@ import torch
 
 KERNEL_MODULES = ("flux_kernels.streaming_prefill", "flux_kernels.decode", "flux_kernels.fused_ops",
                   "flux_kernels.router_pool")
-DEPENDENT_MODULES = ("flux_kernels", "flux.attention.triton_backend", "flux.fast_decode")
+DEPENDENT_MODULES = ("flux_kernels", "flux.attention.triton_backend")
 
 
 def _compiled_mode(module: object) -> bool:

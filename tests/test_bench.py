@@ -1,4 +1,5 @@
-"""flux.bench pieces that run without a GPU: config/overrides, plans, ratios, outputs, and the no-CUDA exit."""
+"""flux.bench pieces that run without a GPU: config/overrides, plans, ratios, outputs, the generate section on a
+tiny model on CPU (the same code the GPU runs), and the no-CUDA exit."""
 
 from __future__ import annotations
 
@@ -13,19 +14,21 @@ from flux.plan import spread_sa_layers
 
 
 def test_plain_config_and_overrides():
-    cfg = bench.load_plain_config(["lengths=[1024,2048]", "decode.steps=4", "sink=0"])
+    cfg = bench.load_plain_config(["lengths=[1024,2048]", "generate.new_tokens=4", "sink=0"])
     assert cfg["lengths"] == [1024, 2048]
-    assert cfg["decode"]["steps"] == 4
+    assert cfg["generate"]["new_tokens"] == 4
     assert cfg["sink"] == 0
     assert cfg["backbone"]["num_hidden_layers"] == 28
 
 
 @pytest.mark.parametrize("override,match", [
     ("lenghts=[1]", "no key 'lenghts'"),
-    ("decode.stepz=3", "no key 'stepz'"),
+    ("generate.stepz=3", "no key 'stepz'"),
     ("sink.x=3", "'sink' is not a config section"),
     ("lengths", "is not key=value"),
-    ("sa_fractions=[1.5]", r"must lie in \[0, 1\]"),
+    ("generate.sa_targets=[1.5]", r"in \[0, 1\]"),
+    ("generate.jobs=[{batch: 0, length: 8, plans: [dense]}]", "batch must be a positive integer or 'max'"),
+    ("generate.jobs=[{batch: 1, length: 8, plans: [sparse]}]", "unknown plan 'sparse'"),
 ])
 def test_bad_overrides(override, match):
     with pytest.raises(bench.BenchConfigError, match=match):
@@ -51,22 +54,54 @@ def test_ideal_speedup():
     assert bench.ideal_speedup(100.0, 4, 25.0) == float("inf")
 
 
-def test_outputs_from_a_result(tmp_path):
-    result = {
-        "env": {"gpu": "Test GPU", "copy_bw_tbps": 3.0},
-        "prefill": [{"batch": 1, "length": 8192, "sa_fraction": f, "ttft_ms": 100.0 / (1 + f), "speedup": 1 + f,
-                     "ideal_speedup": 1 + 1.1 * f, "fraction_of_ideal": (1 + f) / (1 + 1.1 * f), "peak_mem_gib": 20.0}
-                    for f in (0.0, 0.5)],
-        "decode": [{"batch": 8, "batch_kind": "fixed", "length": 8192, "sa_fraction": 0.5, "ms_per_token": 10.0,
-                    "tokens_per_s": 800.0, "throughput_vs_dense_same_batch": 1.5, "over_limit": 1.1,
-                    "kv_cache_gib": 3.0}],
-        "router": [{"length": 8192, "router_op_ms": 0.02, "router_graph_ms": 0.01, "router_with_sync_ms": 0.05}],
-    }
+def _tiny_cfg(tmp_path):
+    cfg = bench.load_plain_config([
+        ("backbone={model_type: qwen2, hidden_size: 64, num_hidden_layers: 4, num_attention_heads: 4, "
+        "num_key_value_heads: 2, head_dim: 16, intermediate_size: 96, vocab_size: 300, "
+        "max_position_embeddings: 512, tie_word_embeddings: false}"),
+        "dtype=bfloat16", "sink=4", "window=16", f"output_dir={tmp_path}",
+        "generate.new_tokens=6", "generate.calib_tokens=256", "generate.repeats=2",
+        "generate.repeat_up_to=100", "generate.memory_margin_gib=0", "generate.max_batch_cap=3",
+        "generate.warmup_length=32",
+        ("generate.jobs=[{batch: 1, length: 96, plans: [dense, router, static, replay@0.5, hf]},"
+        "{batch: 2, length: 160, plans: [dense, router@0.5, hf]},"
+        "{batch: 1, length: 160, plans: [dense, router@0.5]},"
+        "{batch: max, length: 160, plans: [dense, router@0.5]}]"),
+    ])
+    cfg["dtype"] = "float32"  # CPU matmuls in fp32 (the GPU runs bf16)
+    cfg["generate"]["cpu_memory_gib"] = 1  # the 'max' batch budget when there is no GPU to read it from
+    return cfg
+
+
+def test_generate_section_runs_end_to_end_on_cpu(tmp_path):
+    """The rows the GPU run produces, from the same code on a tiny random model: every plan runs through
+    FluxModel.generate, routers hit their calibrated sparsity, replayed decisions reproduce the router's work,
+    and the ratios are filled in."""
+    from flux.bench_generate import run_generate
+
+    cfg = _tiny_cfg(tmp_path)
+    model = bench.build_model(cfg, torch.device("cpu"))
+    rows = run_generate(cfg, model, torch.device("cpu"), bandwidth=1e11)
+    assert not [r for r in rows if "error" in r], rows
+    routers = [r for r in rows if r["plan"] == "router" and r["batch"] == 1 and r["length"] == 96]
+    assert [r["target"] for r in routers] == [0.25, 0.5, 0.75, 1.0]
+    assert routers[-1]["sa_fraction"] == 1.0
+    assert all(abs(r["sa_fraction"] - r["target"]) <= 0.5 for r in routers)
+    replay = next(r for r in rows if r["plan"] == "replay")
+    assert replay["sa_fraction"] == next(r for r in routers if r["target"] == 0.5)["sa_fraction"]
+    assert "router_cost_fraction" in replay
+    static = [r for r in rows if r["plan"] == "static"]
+    assert [r["sa_fraction"] for r in static] == [r["sa_fraction"] for r in routers]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["tokens_per_s"] > 0
+        if r["plan"] != "dense":
+            assert isinstance(r.get("speedup_vs_dense"), float), r
+    maxed = [r for r in rows if r.get("batch_kind") == "max"]
+    assert [r["batch"] for r in maxed] == [3, 3]
+    result = {"env": {"gpu": "cpu", "copy_bw_tbps": 0.1}, "generate": {"rows": rows}}
     bench.write_outputs(result, tmp_path)
-    assert json.loads((tmp_path / "bench.json").read_text())["env"]["gpu"] == "Test GPU"
-    table = (tmp_path / "table.md").read_text()
-    assert "| 1 | 8192 | 0.5 | 66.7 | 1.50 | 1.55 | 0.97 | 20.0 |" in table
-    assert "| 8192 | router | 0.0200 | 0.0100 | 0.0500 |" in table
+    assert json.loads((tmp_path / "bench.json").read_text())["generate"]["rows"][0]["plan"] == "dense"
+    assert "| 1 | 96 | router@0.5 |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "speedup.png").stat().st_size > 1000
 
 

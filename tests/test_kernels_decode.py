@@ -132,3 +132,19 @@ def test_gpu_real_shapes(batch, capacity):
     out = decode_attention(q, k, v, start, end)
     ref = decode_attention_reference(q, k, v, start, end)
     assert (out.double() - ref.double()).norm() / ref.double().norm() < 1e-2
+
+
+def test_two_caches_each_row_reads_its_own():
+    """Rows 0 and 2 read the full cache (rows 1 and 0 of it), row 1 the ring cache (its only row): the same as
+    three separate calls, one per row."""
+    q, _, _ = _cache(3, 4, 2, 1, 64, seed=8)
+    _, fk, fv = _cache(2, 4, 2, 90, 64, seed=9)
+    _, rk, rv = _cache(1, 4, 2, 20, 64, seed=10)
+    row_ring, row_local = _t([0, 1, 0]), _t([1, 0, 0])
+    end, ring_end = _t([77, 0, 90]), _t([0, 13, 0])
+    plan = plan_decode(3, 2, 90, q.device, q.dtype, chunk=32)
+    out = decode_attention(q, fk, fv, None, end, plan=plan, ring=(rk, rv, row_ring, row_local, ring_end))
+    want = torch.cat([decode_attention_reference(q[0:1], fk[1:2], fv[1:2], None, _t([77])),
+                      decode_attention_reference(q[1:2], rk, rv, None, _t([13])),
+                      decode_attention_reference(q[2:3], fk[0:1], fv[0:1], None, _t([90]))])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

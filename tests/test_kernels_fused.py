@@ -87,3 +87,26 @@ def test_silu_mul_matches_torch(dtype):
     torch.testing.assert_close(silu_mul(gate_up), ref, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="must be even"):
         silu_mul(_randn(2, 5))
+
+
+def test_qkv_rope_store_into_two_caches():
+    """Decode with rows in different cache layouts: row b's k/v land in its own cache row at its own slot."""
+    n_q, n_kv, d = 4, 2, 16
+    qkv = _randn(3, 1, (n_q + 2 * n_kv) * d, seed=5)
+    cos, sin = _randn(3, 1, d, seed=6), _randn(3, 1, d, seed=7)
+    q_out = torch.zeros(3, n_q, 1, d, device=DEVICE)
+    full_k, full_v = torch.zeros(2, n_kv, 9, d, device=DEVICE), torch.zeros(2, n_kv, 9, d, device=DEVICE)
+    ring_k, ring_v = torch.zeros(1, n_kv, 4, d, device=DEVICE), torch.zeros(1, n_kv, 4, d, device=DEVICE)
+    slot, ring_slot = torch.tensor([7, 0, 2], device=DEVICE), torch.tensor([0, 3, 0], device=DEVICE)
+    row_ring, row_local = torch.tensor([0, 1, 0], device=DEVICE), torch.tensor([1, 0, 0], device=DEVICE)
+    qkv_rope_store(qkv, cos, sin, n_q, n_kv, q_out, full_k, full_v, slot,
+                   ring=(ring_k, ring_v, row_ring, row_local, ring_slot))
+    want_k = torch.zeros(3, n_kv, 1, d, device=DEVICE)
+    want_v = torch.zeros(3, n_kv, 1, d, device=DEVICE)
+    want_q = torch.zeros(3, n_q, 1, d, device=DEVICE)
+    qkv_rope_store(qkv, cos, sin, n_q, n_kv, want_q, want_k, want_v)
+    torch.testing.assert_close(q_out, want_q, atol=0, rtol=0)
+    for dst_k, dst_v, row, s, b in ((full_k, full_v, 1, 7, 0), (ring_k, ring_v, 0, 3, 1), (full_k, full_v, 0, 2, 2)):
+        torch.testing.assert_close(dst_k[row, :, s], want_k[b, :, 0], atol=0, rtol=0)
+        torch.testing.assert_close(dst_v[row, :, s], want_v[b, :, 0], atol=0, rtol=0)
+    assert int((full_k != 0).any(-1).sum()) == 2 * n_kv and int((ring_k != 0).any(-1).sum()) == n_kv

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run on the GPU machine from the repo root: the kernel/decode/bench tests (compiled kernels, GPU-marked tests
-# included), then the benchmark.
+# Run on the GPU machine from the repo root: the GPU tests (compiled kernels, the engine on CUDA), then the benchmark.
 #   bash experiments/speed/device_run.sh OUT_DIR [bench overrides...]
 # The GPU image has no editable install of flux, so `flux_kernels` is exposed through a symlink on PYTHONPATH, and
 # Hydra is not installed there, so the bench runs with --no-hydra (same conf/bench.yaml, same override syntax).
+# SKIP_TESTS=1 skips the tests.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out" /tmp/flux_pkgs
@@ -13,7 +13,7 @@ export PYTHONPATH="/tmp/flux_pkgs:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFE
   python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 } 2>&1 | tee "$out/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_fast_decode.py tests/test_bench.py 2>&1 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_engine.py tests/test_bench.py 2>&1 \
     | tail -n 40 | tee "$out/gpu_tests.log"
 fi
 python3 -m flux.bench --no-hydra output_dir="$out" "$@" 2>&1 | grep -v '^\s*$' | tee "$out/bench.log"

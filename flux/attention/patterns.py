@@ -26,9 +26,15 @@ class SparsePattern:
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def cache_budget(self) -> tuple[int, int] | None:
-        """(sink, window) slots an SA layer needs after prefill, or None when the pattern cannot trim its cache."""
+    def kv_policy(self) -> tuple[int, int] | None:
+        """(sink, window) when a layer routed to this pattern needs only its first `sink` and last `window` keys for
+        decode (the engine keeps them in a sink + ring cache, every kept key visible); None keeps the full KV."""
         return None
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pad: torch.Tensor | None,
+                scale: float, backend: str = "auto") -> torch.Tensor:
+        """Inference attention of queries q [B, H, Tq, D] (the last Tq of the Tk keys) over k/v [B, Hkv, Tk, D]."""
+        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         return {"pattern": self.name, **asdict(self)}
@@ -55,8 +61,24 @@ class StreamingPattern(SparsePattern):
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return (k_pos < self.sink) | (q_pos - k_pos < self.window)
 
-    def cache_budget(self) -> tuple[int, int]:
+    def kv_policy(self) -> tuple[int, int]:
         return self.sink, self.window
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pad: torch.Tensor | None,
+                scale: float, backend: str = "auto") -> torch.Tensor:
+        """The Triton kernel (visits only sink and window key blocks); backend 'torch' is the masked SDPA path."""
+        if backend == "torch" or (backend == "auto" and not q.is_cuda):
+            from flux.attention.backends import sdpa_attention
+            from flux.attention.masks import position_mask
+
+            b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+            pad = torch.zeros(b, dtype=torch.long, device=q.device) if kv_pad is None else kv_pad.long()
+            k_pos = torch.arange(tk, device=q.device)[None, :] - pad[:, None]
+            mask = position_mask(k_pos[:, tk - tq:], k_pos, k_pos >= 0, self)
+            return sdpa_attention(q, k, v, mask, scale)
+        from flux_kernels.streaming_prefill import streaming_attention_prefill
+
+        return streaming_attention_prefill(q, k, v, self.sink, self.window, kv_pad, scale=scale)
 
 
 PATTERNS: dict[str, type[SparsePattern]] = {StreamingPattern.name: StreamingPattern}

@@ -3,7 +3,7 @@
 Prefill (Tq > 1) runs ``streaming_attention_prefill``, which visits only sink and window key blocks. It reads the
 padding from ``k_valid`` and relies on the layout FluxModel produces: keys left-padded, real positions 0, 1, ... in
 order, queries the last Tq keys. Decode (Tq == 1) runs the split-KV ``decode_attention`` on per-slot positions, so
-it serves any slot order, including RoutedCache's trimmed rings.
+it serves any slot order.
 """
 
 from __future__ import annotations

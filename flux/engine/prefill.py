@@ -1,0 +1,182 @@
+"""Routed prefill: the prompt runs through every block once, with the plan (or router) deciding each layer per sample.
+
+Layout: the batch is packed to the left, so sample b's tokens sit at indices [0, n_b) and index = real position.
+Causal attention then never reaches a padding key from a real query, so every attention call is exact for the real
+rows without masks, and the KV each layer produces is already in the cache's slot order.
+
+Per layer:
+  1. norm + fused q/k/v projection + rotary, in token chunks: q into one reused buffer, K/V straight into a
+     [B, Hkv, capacity, D] tensor that becomes the layer's cache if every sample keeps its full KV.
+  2. the plan decides (the router reads the post-rotary queries, as in training); one host read of the [B] decision
+     picks the kernels.
+  3. attention, in place into the q buffer: FA rows with SDPA's fastest backend (one query head at a time on long
+     inputs, so the output never needs a second full-size buffer), SA rows with the pattern's Triton kernel in
+     query chunks.
+  4. output projection + MLP in token chunks, added into the residual stream in place (same rounding as the
+     transformers block: the residual add happens in the model dtype).
+Only the logits the caller asks for are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flux.attention.patterns import SparsePattern
+from flux.engine.kv import KVCache
+from flux.engine.ops import TorchOps
+from flux.engine.parts import EngineError, ModelParts
+from flux.plan import Plan
+
+# Token budget of one chunk of the per-token work (projections, MLP): bounds the MLP's [chunk, 2 * intermediate]
+# intermediate to about this many bytes.
+CHUNK_BYTES = 128 * 2 ** 20
+# From this many query tokens in a layer (batch x length), FA attention runs one query head at a time and writes
+# each head's output over its own queries, so a full-length output buffer never exists next to the queries.
+HEADWISE_FA_TOKENS = 65536
+# Query rows per call of a sparse kernel; keeps each call's output buffer small.
+SA_QUERY_CHUNK = 16384
+
+
+@dataclass
+class Packed:
+    """A batch packed to the left. `lengths` [B] on the device, `lengths_host` the same as ints; `valid` [B, T] or
+    None when no sample is shorter than T; `segments` (router spans) in packed coordinates."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    lengths_host: list[int]
+    valid: torch.Tensor | None
+    segments: dict[str, torch.Tensor] | None
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+
+def chunk_tokens(parts: ModelParts, batch: int, dtype: torch.dtype) -> int:
+    """Tokens per sample in one chunk: the MLP intermediate of B x chunk tokens stays under CHUNK_BYTES."""
+    per_token = 2 * parts.intermediate * torch.empty((), dtype=dtype).element_size()
+    return max(64, CHUNK_BYTES // (per_token * batch))
+
+
+def dense_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    """Causal attention of q [B, H, T, D] over k/v [B, Hkv, T, D], written over q. Exact for packed batches."""
+    b, h, t, _ = q.shape
+    if b * t < HEADWISE_FA_TOKENS:
+        q.copy_(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=h != k.shape[1]))
+        return
+    group = h // k.shape[1]
+    for head in range(h):
+        kv = head // group
+        q[:, head:head + 1] = F.scaled_dot_product_attention(q[:, head:head + 1].contiguous(), k[:, kv:kv + 1],
+                                                             v[:, kv:kv + 1], is_causal=True, scale=scale)
+
+
+def sparse_attention_inplace(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float, ops: TorchOps) -> None:
+    """The pattern's prefill attention of q [B, H, T, D] over k/v [B, Hkv, T, D], in query chunks, written over q.
+    Chunk c only reads its own queries, so overwriting them once it is done is safe."""
+    t = q.shape[2]
+    for s in range(0, t, SA_QUERY_CHUNK):
+        e = min(t, s + SA_QUERY_CHUNK)
+        q[:, :, s:e] = pattern.prefill(q[:, :, s:e], k[:, :, :e], v[:, :, :e], None, scale, backend=ops.name)
+
+
+def layer_attention(pattern: SparsePattern, ops: TorchOps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    sa: list[bool], scale: float) -> None:
+    """Attention for one layer with per-sample decisions `sa`, written over q (rows split when they disagree)."""
+    if all(sa):
+        sparse_attention_inplace(pattern, q, k, v, scale, ops)
+        return
+    if not any(sa):
+        dense_attention_inplace(q, k, v, scale)
+        return
+    for rows, run in (([b for b, s in enumerate(sa) if s], "sa"), ([b for b, s in enumerate(sa) if not s], "fa")):
+        idx = torch.tensor(rows, device=q.device)
+        qr, kr, vr = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)
+        if run == "sa":
+            sparse_attention_inplace(pattern, qr, kr, vr, scale, ops)
+        else:
+            dense_attention_inplace(qr, kr, vr, scale)
+        q[idx] = qr
+
+
+def host_decisions(sa: torch.Tensor, uniform: bool | None) -> list[bool]:
+    """The one host read of a layer's decision (none when the plan already knows every sample agrees)."""
+    if uniform is not None:
+        return [bool(uniform)] * sa.shape[0]
+    return [bool(x) for x in sa.tolist()]
+
+
+@torch.no_grad()
+def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan, packed: Packed,
+            logit_index: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the packed prompt through every layer. Returns (logits [B, K, V] float32 at `logit_index` [B, K]
+    (packed positions), decisions [B, L] bool, True = SA). With `cache`, every layer's KV is added to it."""
+    b, t = packed.ids.shape
+    device = packed.ids.device
+    x = parts.embed(packed.ids)
+    dtype = x.dtype
+    d, h = parts.head_dim, parts.n_q
+    capacity = cache.capacity if cache is not None else t
+    if capacity < t:
+        raise EngineError(f"KV capacity {capacity} is shorter than the prompt ({t} tokens)")
+    pos = torch.arange(t, device=device)[None, :]
+    cos, sin = parts.rotary(x[:1, :1], pos)
+    chunk = chunk_tokens(parts, b, dtype)
+    q_buf = torch.empty(b, t, h, d, dtype=dtype, device=device)
+    q = q_buf.transpose(1, 2)
+    keep_policy = pattern.kv_policy() is not None
+    if hasattr(plan, "begin_forward"):
+        plan.begin_forward(packed.valid)
+    decisions = torch.zeros(b, parts.num_layers, dtype=torch.bool, device=device)
+    r = x  # the residual stream, updated in place
+    for layer, blk in enumerate(parts.blocks):
+        k_full = torch.empty(b, parts.n_kv, capacity, d, dtype=dtype, device=device)
+        v_full = torch.empty_like(k_full)
+        # slots past the prompt are written by decode before any query reads them, but the torch decode path
+        # multiplies masked slots by zero weights, so they must hold finite values
+        k_full[:, :, t:].zero_()
+        v_full[:, :, t:].zero_()
+        for s in range(0, t, chunk):
+            e = min(t, s + chunk)
+            hn = ops.norm(blk.in_norm, r[:, s:e])
+            ops.project_rope(parts, blk, hn, cos[:, s:e].expand(b, -1, -1), sin[:, s:e].expand(b, -1, -1),
+                             q[:, :, s:e], k_full[:, :, s:e], v_full[:, :, s:e])
+        decision = plan.decide(layer, q, packed.segments)
+        if decision.gate is not None:
+            raise EngineError("this plan mixes FA and SA outputs with soft gates, which only the training forward "
+                              "computes; give hard decisions (a bool tensor, a list, 'dense'/'sparse', or a router "
+                              "in eval mode)")
+        sa = host_decisions(decision.sa, decision.uniform)
+        decisions[:, layer] = decision.sa.to(device)
+        layer_attention(pattern, ops, q, k_full[:, :, :t], v_full[:, :, :t], sa, parts.scale)
+        if cache is not None:
+            cache.add_layer((k_full, v_full), [not s or not keep_policy for s in sa], packed.lengths)
+        del k_full, v_full
+        for s in range(0, t, chunk):
+            e = min(t, s + chunk)
+            r[:, s:e] += blk.o_proj(q_buf[:, s:e].reshape(b, e - s, h * d))
+            r[:, s:e] += ops.mlp(blk, ops.norm(blk.post_norm, r[:, s:e]))
+    del q_buf, q
+    return final_logits(parts, ops, r, logit_index), decisions
+
+
+def final_logits(parts: ModelParts, ops: TorchOps, r: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Final norm + LM head at packed positions `index` [B, K] only, in chunks of positions: [B, K, V] float32."""
+    b, k = index.shape
+    out = torch.empty(b, k, parts.vocab, dtype=torch.float32, device=r.device)
+    step = max(1, (64 * 2 ** 20) // (4 * parts.vocab * b))
+    for s in range(0, k, step):
+        e = min(k, s + step)
+        rows = r.gather(1, index[:, s:e, None].expand(-1, -1, r.shape[-1]))
+        out[:, s:e] = parts.lm_head(ops.norm(parts.final_norm, rows)).float()
+    return out
