@@ -102,11 +102,9 @@ class SparsePattern:
         policy = self.kv_policy()
         if policy is None:
             return None
-        sink, window = policy
 
         def rule(lo: int, hi: int) -> torch.Tensor:
-            qp, kp = q_pos[:, None, lo:hi, None], k_pos[:, None, None, :]
-            return (kp < sink) | (qp - kp < window)
+            return within_policy(q_pos[:, None, lo:hi, None], k_pos[:, None, None, :], policy)
 
         return rule
 
@@ -206,6 +204,12 @@ class SparsePattern:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def within_policy(q_pos: torch.Tensor, k_pos: torch.Tensor, policy: tuple[int, int]) -> torch.Tensor:
+    """Keys a (sink, window) KV policy keeps for a query, elementwise on broadcastable real positions."""
+    sink, window = policy
+    return (k_pos < sink) | (q_pos - k_pos < window)
+
+
 def check_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pad: torch.Tensor | None) -> None:
     """Shapes of a prompt attention call: q [B, H, T, D], k/v [B, Hkv, T, D] with H a multiple of Hkv."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
@@ -326,9 +330,7 @@ class PositionalPattern(SparsePattern):
         if prompt:
             return self.visible(q_pos, k_pos, prompt_len)
         policy = self.kv_policy()
-        if policy is None:
-            return k_pos >= 0
-        return (k_pos < policy[0]) | (q_pos - k_pos < policy[1])
+        return k_pos >= 0 if policy is None else within_policy(q_pos, k_pos, policy)
 
     def prompt_rule(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                     k_valid: torch.Tensor | None, scale: float) -> RowRule:

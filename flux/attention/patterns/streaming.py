@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from flux.attention.patterns.base import PositionalPattern, check_sink_window
+from flux.attention.patterns.base import PositionalPattern, check_sink_window, within_policy
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class StreamingPattern(PositionalPattern):
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor,
                 prompt_len: torch.Tensor | int | None = None) -> torch.Tensor:
-        return (k_pos < self.sink) | (q_pos - k_pos < self.window)
+        return within_policy(q_pos, k_pos, (self.sink, self.window))
 
     def kv_policy(self) -> tuple[int, int]:
         return self.sink, self.window

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from flux.attention.patterns.base import PositionalPattern, check_int, check_sink_window
+from flux.attention.patterns.base import PositionalPattern, check_int, check_sink_window, within_policy
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class TrianglePattern(PositionalPattern):
                 prompt_len: torch.Tensor | int | None = None) -> torch.Tensor:
         if prompt_len is None:
             raise ValueError("the triangle rule needs prompt_len: its last last_q queries are dense")
-        return (k_pos < self.sink) | (q_pos - k_pos < self.window) | (q_pos >= prompt_len - self.last_q)
+        return within_policy(q_pos, k_pos, (self.sink, self.window)) | (q_pos >= prompt_len - self.last_q)
 
     def kv_policy(self) -> tuple[int, int]:
         return self.sink, self.window
