@@ -67,6 +67,13 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("lengths", "batch_sizes"):
         if not cfg[key] or any(int(x) < 1 for x in cfg[key]):
             raise BenchConfigError(f"{key}={cfg[key]} must be a non-empty list of positive integers")
+    if cfg["patterns"]["enabled"]:
+        from flux.bench_patterns import PatternBenchError, check_patterns_config
+
+        try:
+            check_patterns_config(cfg["patterns"])
+        except PatternBenchError as err:
+            raise BenchConfigError(str(err)) from None
     targets = cfg["generate"]["sa_targets"]
     if not targets or any(not 0.0 <= float(f) <= 1.0 for f in targets):
         raise BenchConfigError(f"generate.sa_targets={targets} must be a non-empty list of fractions in [0, 1]")
@@ -414,6 +421,15 @@ def render_tables(result: dict[str, Any]) -> str:
                          f"{_fmt(r.get('peak_gib'), 1)} | {_fmt(r.get('speedup_vs_dense'))} | "
                          f"{_fmt(r.get('speedup_vs_hf'))} |")
         lines.append("")
+    prow = (result.get("patterns") or {}).get("rows") or []
+    if prow:
+        lines += ["| pattern | length | density | attention ms | dense ms | speedup | scoring ms | TTFT ms, all SA |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in prow:
+            lines.append(f"| {r['pattern']} | {r['length']} | {_fmt(r.get('density'), 3)} | {_fmt(r.get('attn_ms'))} | "
+                         f"{_fmt(r.get('dense_ms'))} | {_fmt(r.get('speedup_vs_dense'))} | "
+                         f"{_fmt(r.get('scoring_ms'))} | {_fmt(r.get('ttft_ms_all_sa'), 1)} |")
+        lines.append("")
     if result.get("router"):
         lines += ["| length | router | ms/layer eager | device (CUDA graph) | eager + host sync |",
                   "|---|---|---|---|---|"]
@@ -490,6 +506,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     model = build_model(cfg, device)
     result["env"]["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
     seconds["model_init"], tick = time.perf_counter() - tick, time.perf_counter()
+    if cfg["patterns"]["enabled"]:
+        from flux.bench_patterns import add_all_sa_ttft, run_patterns
+
+        rows = run_patterns(cfg, device)
+        add_all_sa_ttft(rows, cfg, model, device)
+        result["patterns"] = {"rows": rows}
+        write_outputs(result, out_dir)
+        seconds["patterns"], tick = time.perf_counter() - tick, time.perf_counter()
     if cfg["generate"]["enabled"]:
         from flux.bench_generate import run_generate
 

@@ -90,6 +90,7 @@ def build_router_model(cfg: DictConfig, backbone: Backbone) -> tuple[FluxModel, 
 def check_config(cfg: DictConfig) -> None:
     if cfg.routing.mode not in ROUTING_MODES:
         raise EvalConfigError(f"unknown routing mode {cfg.routing.mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+    build_pattern(cfg)  # an unknown pattern or a bad parameter fails here, before any model loads
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 Why a kernel: a dense causal kernel with a mask still pays O(T^2); here each query block only visits the key blocks
 that hold its sinks and its window, so the cost is O(T * (sink + window)). Exactly the semantics of
 ``flux_kernels.reference.streaming_attention_reference``: causal, left padding per sample (``kv_pad``), GQA, queries
-are the last Tq of the Tk keys, rows without any visible key (padding rows) return zeros.
+are the last Tq of the Tk keys, rows without any visible key (padding rows) return zeros. ``dense_last`` makes the
+last rows attend every causal key (the triangle pattern): their blocks widen their window range to the whole
+causal prefix and mask per row, and blocks run last-first so those long blocks start while the rest of the grid
+is still queued instead of finishing alone at the end.
 
 Each program owns BLOCK_M query rows of one (batch, head). Its keys come in three ranges, visited in order:
   1. sinks      [pad, sink_hi)            masked (causality, end of range)
@@ -20,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from flux_kernels._checks import check_pattern, check_per_sample, check_qkv
+from flux_kernels.online_softmax import online_softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -39,14 +43,15 @@ def _attend_range(
     q_abs,
     pad,
     sink,
-    window,
+    row_window,
     qk_scale,
     offs_d,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi). Unmasked calls need whole, fully visible blocks."""
+    """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi). Unmasked calls need whole, fully visible blocks.
+    ``row_window`` [BLOCK_M] is each row's window (larger than the sequence for dense rows)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         keys = start + offs_n
@@ -61,14 +66,9 @@ def _attend_range(
         if MASKED:
             rel = q_abs[:, None] - keys[None, :]
             visible = in_range[None, :] & (keys[None, :] >= pad) & (rel >= 0)
-            visible = visible & (((keys[None, :] - pad) < sink) | (rel < window))
+            visible = visible & (((keys[None, :] - pad) < sink) | (rel < row_window[:, None]))
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -96,6 +96,7 @@ def _streaming_prefill_kernel(
     kv_len,
     sink,
     window,
+    dense_from,
     qk_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -104,7 +105,8 @@ def _streaming_prefill_kernel(
     HAS_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # last query block first: with dense rows it is the longest program, so it must not start last
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
@@ -124,11 +126,13 @@ def _streaming_prefill_kernel(
     row_ok = offs_m < q_len
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_abs = offs_m + (kv_len - q_len)
+    row_window = tl.where(q_abs >= dense_from, kv_len + 1, window)
 
     # Key ranges of this query block (absolute key indices). Rows past q_len are never stored.
     row_lo = pid_m * BLOCK_M + (kv_len - q_len)
     row_hi = tl.minimum(row_lo + BLOCK_M, kv_len)
     win_lo = tl.maximum(row_lo - window + 1, pad)
+    win_lo = tl.where(row_hi > dense_from, pad, win_lo)  # a block with dense rows visits the whole causal prefix
     sink_hi = tl.minimum(pad + sink, win_lo)
     # Whole blocks starting at full_lo are visible to every row: causal for the first row, in-window for the last.
     full_lo = tl.maximum(win_lo, row_hi - window)
@@ -140,19 +144,19 @@ def _streaming_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, pad, sink_hi, q_abs, pad, sink, window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, pad, sink_hi, q_abs, pad, sink, row_window,
         qk_scale, offs_d, True, BLOCK_N, PRECISION,
     )
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, win_lo, full_lo, q_abs, pad, sink, window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, win_lo, full_lo, q_abs, pad, sink, row_window,
         qk_scale, offs_d, True, BLOCK_N, PRECISION,
     )
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_lo, full_hi, q_abs, pad, sink, window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_lo, full_hi, q_abs, pad, sink, row_window,
         qk_scale, offs_d, False, BLOCK_N, PRECISION,
     )
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_hi, row_hi, q_abs, pad, sink, window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_hi, row_hi, q_abs, pad, sink, row_window,
         qk_scale, offs_d, True, BLOCK_N, PRECISION,
     )
 
@@ -185,11 +189,14 @@ def streaming_attention_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    dense_last: int = 0,
 ) -> torch.Tensor:
     """Streaming attention forward: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (any strides with unit head_dim stride).
 
     ``kv_pad`` [B] integer: left-padding count of each sample in the key sequence (None = no padding).
     ``window=None`` gives plain causal attention (all causal key blocks are visited, so it is O(T^2)).
+    ``dense_last``: queries at the last ``dense_last`` key indices (the last real tokens of every left-padded
+    sample) attend every causal key, the rest sink + window (the triangle pattern).
     Returns [B, H, Tq, D] in q's dtype. Its memory is laid out as [B, Tq, H, D], so ``out.transpose(1, 2)`` is
     contiguous and ``.reshape(B, Tq, H * D)`` for an output projection is free.
     Block/warp/stage overrides exist for tuning and for interpreter tests; defaults suit Hopper.
@@ -197,6 +204,8 @@ def streaming_attention_prefill(
     what = "streaming_attention_prefill"
     batch, heads, kv_heads, q_len, kv_len, head_dim = check_qkv(q, k, v, what)
     check_pattern(sink, window, what)
+    if not isinstance(dense_last, int) or isinstance(dense_last, bool) or dense_last < 0:
+        raise ValueError(f"{what}: dense_last={dense_last!r} must be an integer >= 0 (0 = no dense rows)")
     if q_len > kv_len:
         raise ValueError(f"{what}: q_len={q_len} exceeds kv_len={kv_len}; queries must be the last Tq keys")
     pad = check_per_sample(kv_pad, batch, "kv_pad", q.device, what)
@@ -217,7 +226,7 @@ def streaming_attention_prefill(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        heads, q_len, kv_len, int(sink), eff_window, scale * LOG2E,
+        heads, q_len, kv_len, int(sink), eff_window, kv_len - min(dense_last, kv_len), scale * LOG2E,
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, HAS_PAD=pad is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages,

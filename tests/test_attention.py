@@ -106,7 +106,7 @@ def test_mixed_batch_routes_each_sample():
     pos = torch.arange(40).expand(2, 40)
     pattern = StreamingPattern(sink=2, window=5)
     mixed = sparse_attention(q, k, v, pos, pos, None, pattern, 0.25, "reference", torch.tensor([True, False]))
-    sa = eager_attention(q, k, v, position_mask(pos, pos, None, pattern), 0.25)
+    sa = eager_attention(q, k, v, pattern.mask(q, k, pos, pos, None, 0.25), 0.25)
     fa = eager_attention(q, k, v, position_mask(pos, pos, None, None), 0.25)
     assert torch.allclose(mixed[0], sa[0], atol=1e-6) and torch.allclose(mixed[1], fa[1], atol=1e-6)
     assert not torch.allclose(sa[0], fa[0], atol=1e-3)
@@ -127,9 +127,9 @@ def test_gates_mix_branches_linearly():
 
 
 def test_bad_values_raise_clear_errors():
-    with pytest.raises(PatternError, match="window must be an integer > 0"):
+    with pytest.raises(PatternError, match="window must be an integer >= 1, got 0"):
         StreamingPattern(sink=4, window=0)
-    with pytest.raises(PatternError, match="sink must be an integer >= 0"):
+    with pytest.raises(PatternError, match="sink must be an integer >= 0, got -1"):
         StreamingPattern(sink=-1, window=8)
     with pytest.raises(PatternError, match="unknown sparse pattern 'nope'"):
         get_pattern("nope")
@@ -163,7 +163,8 @@ def test_streaming_backends_on_cuda_real_shapes(backend):
     pos, valid = real_positions(mask), mask.bool()
     pattern = StreamingPattern(sink=128, window=1024)
     out = sparse_attention(q, k, v, pos, pos, valid, pattern, d ** -0.5, backend).float()
-    ref = eager_attention(q.float(), k.float(), v.float(), position_mask(pos, pos, valid, pattern), d ** -0.5)
+    ref = eager_attention(q.float(), k.float(), v.float(), pattern.mask(q, k, pos, pos, valid, d ** -0.5),
+                          d ** -0.5)
     real = valid[:, None, :, None].expand_as(out)
     rel = (out - ref)[real].norm() / ref[real].norm()
     assert rel.item() < 1e-2

@@ -307,3 +307,46 @@ def test_cuda_engine_matches_transformers_in_bf16():
         assert rel(routed, reference) < 2e-2
     finally:
         engine_module.prefill.HEADWISE_FA_TOKENS = old
+
+
+def _patterns():
+    from flux.attention.patterns import TrianglePattern, XAttentionPattern
+
+    return {"triangle": TrianglePattern(sink=2, window=5, last_q=3),
+            "xattn": XAttentionPattern(block_size=16, stride=4, threshold=0.3)}
+
+
+@pytest.mark.parametrize("name", ("triangle", "xattn"))
+@pytest.mark.parametrize("right", (False, True))
+def test_whole_prompt_patterns_score_and_generate_like_each_sample_alone(name, right):
+    """Patterns that read the whole prompt: each sample's engine logits equal the training path's on that sample
+    alone (triangle's last queries sit at each prompt's own end; xattn's blocks start at each prompt's first
+    token), and a padded batch generates exactly what each sample generates alone."""
+    pattern = _patterns()[name]
+    fm = FluxModel(_backbone("qwen2", layers=3), pattern=pattern)
+    ids, mask = _batch(batch=3, length=45, pads=(0, 7, 19), right=right)
+    plan = torch.tensor([[True, False, True], [True, True, False], [False, True, True]])
+    with torch.no_grad():
+        batched = fm(ids, mask, plan=plan).logits
+    together = fm.generate(ids, mask, plan=plan, max_new_tokens=7, eos_token_id=[])
+    for b in range(3):
+        real = ids[b][mask[b].bool()][None]
+        with torch.enable_grad():
+            alone = fm(real, plan=plan[b:b + 1]).logits.detach()
+        assert (batched[b][mask[b].bool()] - alone[0]).abs().max() < 1e-5
+        single = fm.generate(real, plan=plan[b:b + 1], max_new_tokens=7, eos_token_id=[])
+        assert torch.equal(together.sequences[b], single.sequences[0])
+    with torch.no_grad():
+        dense = fm(ids, mask).logits
+    assert (dense - batched)[mask.bool()].abs().max() > 1e-3  # the pattern changes the logits
+
+
+def test_full_kv_pattern_keeps_full_rows_and_ring_pattern_keeps_rings():
+    pats = _patterns()
+    ids, mask = _batch(batch=1, length=40, pads=(0,))
+    token = None
+    for name, full in (("xattn", True), ("triangle", False)):
+        fm = FluxModel(_backbone("llama", layers=2), pattern=pats[name])
+        res = fm.generate(ids, mask, plan="sparse", max_new_tokens=4, eos_token_id=[])
+        token = res.kv_bytes_dense // (2 * 44)
+        assert res.kv_bytes == (res.kv_bytes_dense if full else 2 * (2 + 5) * token)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from flux.attention.patterns import PatternError
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
 from flux.lit import RouterCheckpointError, export_router
@@ -21,9 +25,9 @@ RULER = ["eval.task.tasks=[niah_single,fwe]", "eval.task.lengths=[256]", "eval.t
          "eval.task.max_new_tokens=4", "eval.batch_size=3"]
 
 
-def _cfg(tmp_path, *overrides, task=RULER):
+def _cfg(tmp_path, *overrides, task=RULER, tiny=TINY):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("evaluate", [*TINY, *task, f"output_dir={tmp_path}", *overrides])
+        return compose("evaluate", [*tiny, *task, f"output_dir={tmp_path}", *overrides])
 
 
 @pytest.mark.parametrize("mode,extra", [("dense", []), ("sparse", []), ("static", ["routing.sa_layers=[0,2]"]),
@@ -69,6 +73,33 @@ def test_bad_config_fails_before_model_work(tmp_path):
         RandomPlan(3, 1.5, 0)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         evaluate(_cfg(tmp_path, "eval=jsonl", f"eval.task.path={tmp_path / 'nope.jsonl'}", task=[]))
+
+
+def test_bad_pattern_fails_before_the_model_loads(tmp_path):
+    with pytest.raises(PatternError, match=r"xattn threshold must lie in \(0, 1\], got 0;"):
+        evaluate(_cfg(tmp_path, "sparse=xattn", "sparse.threshold=0", "backbone.source=/nonexistent/model",
+                      tiny=TINY[:2]))
+
+
+@pytest.mark.slow
+def test_multirun_over_patterns_records_each_pattern(tmp_path):
+    """`python -m flux.evaluate -m sparse=streaming,triangle,xattn` runs every layer on each pattern in turn and
+    records the pattern with its parameters in each results.json."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "flux.evaluate", "-m", *TINY[:2], *RULER, "routing.mode=sparse",
+           "sparse=streaming,triangle,xattn", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = {}
+    for job in ("0", "1", "2"):
+        results = json.loads((sweep / job / "results.json").read_text())
+        recorded[results["sparse"]["pattern"]] = results["sparse"]
+        assert results["summary"]["sparsity"] == pytest.approx(1.0)
+    assert recorded == {"streaming": {"pattern": "streaming", "sink": 64, "window": 256},
+                        "triangle": {"pattern": "triangle", "sink": 64, "window": 256, "last_q": 64},
+                        "xattn": {"pattern": "xattn", "block_size": 128, "stride": 8, "threshold": 0.9,
+                                  "density": None}}
 
 
 def test_random_plan_is_seeded_and_exact():

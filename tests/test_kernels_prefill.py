@@ -48,6 +48,28 @@ def test_matches_float64_reference(batch, heads, kv_heads, q_len, kv_len, dim, s
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+DENSE_LAST_CASES = [
+    # batch, H, Hkv, Tq, Tk, D, sink, window, pads, dense_last
+    (2, 4, 2, 37, 37, 32, 3, 7, [0, 5], 6),      # dense rows inside the last block
+    (2, 4, 1, 50, 50, 16, 0, 5, [3, 20], 40),    # dense rows span blocks; sample 1 has fewer real rows than that
+    (2, 4, 2, 20, 45, 16, 2, 7, [0, 11], 9),     # queries are the last Tq of Tk keys
+    (1, 2, 2, 33, 33, 16, 2, 4, None, 100),      # every row dense: plain causal
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,q_len,kv_len,dim,sink,window,pads,dense_last", DENSE_LAST_CASES)
+def test_dense_last_rows_match_reference(batch, heads, kv_heads, q_len, kv_len, dim, sink, window, pads, dense_last):
+    q, k, v = _qkv(batch, heads, kv_heads, q_len, kv_len, dim, seed=dense_last)
+    pad = None if pads is None else torch.tensor(pads, device=DEVICE)
+    out = streaming_attention_prefill(q, k, v, sink, window, pad, block_m=16, block_n=16, dense_last=dense_last)
+    ref = streaming_attention_reference(q, k, v, pad, sink, window, dense_last=dense_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if dense_last < q_len:  # rows before the dense band are still sink + window
+        plain = streaming_attention_reference(q, k, v, pad, sink, window)
+        torch.testing.assert_close(out[:, :, :q_len - dense_last], plain[:, :, :q_len - dense_last], atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_padding_rows_are_zero_and_finite():
     q, k, v = _qkv(2, 4, 1, 24, 24, 64)
     pad = torch.tensor([7, 0], device=DEVICE)
@@ -107,12 +129,13 @@ def test_half_precision_inputs(dtype, tol):
 @pytest.mark.parametrize("kwargs,match", [
     ({"window": 0}, "window=0"),
     ({"sink": -1}, "sink=-1"),
+    ({"dense_last": -2}, "dense_last=-2"),
 ])
 def test_bad_pattern_arguments(kwargs, match):
     q, k, v = _qkv(1, 4, 1, 8, 8, 64)
-    args = {"sink": 1, "window": 4, **kwargs}
+    args = {"sink": 1, "window": 4, "dense_last": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
-        streaming_attention_prefill(q, k, v, args["sink"], args["window"])
+        streaming_attention_prefill(q, k, v, args["sink"], args["window"], dense_last=args["dense_last"])
 
 
 def test_bad_shapes():
@@ -141,5 +164,20 @@ def test_gpu_real_shapes(dim):
     for lo in (0, 2400, t - 200):
         hi = lo + 200
         ref = streaming_attention_reference(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], pad, 128, 1024)
+        err = (out[:, :, lo:hi].double() - ref.double()).norm() / ref.double().norm()
+        assert err < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_dense_last_real_shapes():
+    """Triangle at Hopper tiles: the dense band (64 rows) and ordinary rows against float64, bf16, left padding."""
+    t = 5000
+    q, k, v = _qkv(2, 28, 4, t, t, 128, dtype=torch.bfloat16, seed=3)
+    pad = torch.tensor([0, 333], device=DEVICE)
+    out = streaming_attention_prefill(q, k, v, 128, 1024, pad, dense_last=64)
+    for lo in (2400, t - 200):
+        hi = lo + 200
+        ref = streaming_attention_reference(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi], pad, 128, 1024,
+                                            dense_last=max(0, 64 - (t - hi)))
         err = (out[:, :, lo:hi].double() - ref.double()).norm() / ref.double().norm()
         assert err < 1e-2

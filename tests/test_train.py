@@ -210,7 +210,8 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
 # -- clear errors ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
-    (["sparse.name=nope"], PatternError, r"unknown sparse pattern 'nope'; registered patterns: streaming"),
+    (["sparse.name=nope"], PatternError,
+     r"unknown sparse pattern 'nope'; registered patterns: streaming, triangle, xattn"),
     (["objective.target=-0.3"], ObjectiveError, r"end=-0\.3 must lie in \[0, 1\]"),
     (["router.tau_start=0"], RouterConfigError, r"tau must be > 0, got 0\.0"),
     (["router.tau_end=-1"], RouterConfigError, r"tau_end=-1\.0"),
@@ -284,6 +285,39 @@ def test_sweep_overrides_expand_and_every_job_composes(tmp_path):
         seen.add((cfg.sparse.window, cfg.objective.target, cfg.router.tau_start))
         assert flux.train.build_pattern(cfg).window == cfg.sparse.window
     assert seen == set(itertools.product([128, 256], [0.3, 0.5], [1.0, 1.5]))
+
+
+PATTERN_SWEEP = "sparse=streaming,triangle,xattn"
+
+
+def test_pattern_sweep_composes_each_pattern_with_its_defaults(tmp_path):
+    """`-m sparse=streaming,triangle,xattn`: each job gets its pattern's config; the CPU quickstart's sink/window
+    land only on patterns that have them, and explicit sparse.* overrides win."""
+    parsed = OverridesParser.create().parse_overrides([PATTERN_SWEEP])[0]
+    built = {}
+    for name in parsed.sweep_string_iterator():
+        cfg = compose_train([f"sparse={name}", f"output_dir={tmp_path}"])
+        built[name] = flux.train.build_pattern(cfg)
+    assert built["streaming"].describe() == {"pattern": "streaming", "sink": 64, "window": 256}
+    assert built["triangle"].describe() == {"pattern": "triangle", "sink": 64, "window": 256, "last_q": 64}
+    assert built["xattn"].describe() == {"pattern": "xattn", "block_size": 128, "stride": 8, "threshold": 0.9,
+                                         "density": None}
+    cfg = compose_train(["sparse=triangle", "sparse.last_q=7", "sparse.window=33", f"output_dir={tmp_path}"])
+    assert flux.train.build_pattern(cfg).describe() == {"pattern": "triangle", "sink": 64, "window": 33,
+                                                        "last_q": 7}
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["sparse=xattn", "sparse.block_size=100"], r"xattn block_size must be a power of two >= 16, got 100"),
+    (["sparse=xattn", "sparse.threshold=1.5"], r"xattn threshold must lie in \(0, 1\], got 1.5"),
+    (["sparse=xattn", "sparse.stride=0"], r"xattn stride must be an integer >= 1, got 0"),
+    (["sparse=triangle", "sparse.last_q=-1"], r"triangle last_q must be an integer >= 0, got -1"),
+    (["sparse=xattn", "+sparse.window=64"], r"'xattn' got unknown parameter\(s\) \['window'\]"),
+])
+def test_bad_pattern_settings_fail_before_the_model_loads(tmp_path, overrides, message):
+    cfg = compose_train(overrides + ["backbone.source=/nonexistent/model", f"output_dir={tmp_path}"])
+    with pytest.raises(PatternError, match=message):
+        flux.train.run(cfg)
 
 
 def test_global_router_config_composes():
@@ -401,6 +435,27 @@ def test_multirun_sweep_trains_one_router_per_job(tiny_dir, tmp_path):
         assert f"objective.target={target}" in overrides
         _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
         assert meta["training"]["steps"] == 1
+
+
+@pytest.mark.slow
+def test_multirun_over_patterns_records_each_pattern(tiny_dir, tmp_path):
+    """`python -m flux.train -m sparse=streaming,triangle,xattn` trains one router per pattern; each router.json
+    records its pattern and parameters."""
+    sweep_dir = tmp_path / "sweep"
+    data = [o for o in tiny_overrides(tiny_dir, None) if not o.startswith("sparse.")]
+    cmd = [sys.executable, "-m", "flux.train", "-m", *data, "trainer.max_steps=1", "trainer.limit_val_batches=0",
+           PATTERN_SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = {}
+    for job in ("0", "1", "2"):
+        _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
+        recorded[meta["sparse"]["pattern"]] = meta["sparse"]
+        assert meta["training"]["steps"] == 1
+    assert recorded == {"streaming": {"pattern": "streaming", "sink": 64, "window": 256},
+                        "triangle": {"pattern": "triangle", "sink": 64, "window": 256, "last_q": 64},
+                        "xattn": {"pattern": "xattn", "block_size": 128, "stride": 8, "threshold": 0.9,
+                                  "density": None}}
 
 
 @pytest.mark.slow

@@ -6,16 +6,20 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from flux.attention.masks import position_mask
-from flux.attention.patterns import SparsePattern
+
+if TYPE_CHECKING:  # patterns import this module; the type is only needed for annotations
+    from flux.attention.patterns import SparsePattern
 
 FA_BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
 SA_BACKENDS = ("auto", "reference", "masked_sdpa", "flex", "triton")
@@ -77,15 +81,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
     return out.transpose(1, 2)
 
 
-def memo_mask(memo: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None,
-              pattern: SparsePattern | None, sa_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """position_mask, computed once per forward for each distinct (positions, validity, pattern) and reused by every
-    layer that shares those tensors (the routed cache shares them per layout)."""
+def memo_mask(memo: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              k_valid: torch.Tensor | None) -> torch.Tensor:
+    """The full-attention position_mask, computed once per forward for each distinct (positions, validity) and
+    reused by every layer that shares those tensors (the routed cache shares them per layout)."""
     if memo is None:
-        return position_mask(q_pos, k_pos, k_valid, pattern, sa_rows)
-    key = (id(q_pos), id(k_pos), id(k_valid), pattern, id(sa_rows))
+        return position_mask(q_pos, k_pos, k_valid)
+    key = (id(q_pos), id(k_pos), id(k_valid))
     if key not in memo:
-        memo[key] = position_mask(q_pos, k_pos, k_valid, pattern, sa_rows)
+        memo[key] = position_mask(q_pos, k_pos, k_valid)
     return memo[key]
 
 
@@ -101,7 +105,7 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: tor
         if backend == "eager":
             return eager_attention(q, k, v, None, scaling, is_causal=causal)
         return sdpa_attention(q, k, v, None, scaling, is_causal=causal)
-    mask = memo_mask(memo, q_pos, k_pos, k_valid, None)
+    mask = memo_mask(memo, q_pos, k_pos, k_valid)
     attend = eager_attention if backend == "eager" else sdpa_attention
     return attend(q, k, v, mask, scaling)
 
@@ -126,84 +130,82 @@ def _flex_fn(device: torch.device) -> Callable:
     return flex_attention
 
 
-def streaming_block_mask(pattern: SparsePattern, q_len: int, kv_len: int, device: torch.device,
-                         q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
-                         k_valid: torch.Tensor | None = None):
-    """Block mask for an SA call. Unpadded calls are cached per (pattern, lengths, device); padded ones are built per
-    call because they depend on each sample's padding. On CUDA the mask is built by the compiled path, which walks
-    the sequence in blocks, so a 128k mask never exists densely.
-    """
+def sparse_block_mask(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor | None,
+                      k_pos: torch.Tensor | None, k_valid: torch.Tensor | None, scale: float):
+    """FlexAttention block mask of an SA call from the pattern's mask_mod. Masks the pattern marks cacheable
+    (positional rules on unpadded calls) are kept per (pattern, lengths, device); the others are built per call.
+    On CUDA the mask is built by the compiled path, which walks the sequence in blocks, so a 128k mask never
+    exists densely."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    compile_mask = device.type == "cuda"
-    offset = kv_len - q_len
-    if q_pos is None:
-        key = (pattern, q_len, kv_len, str(device))
-        if key in _FLEX_MASKS:
-            _FLEX_MASKS.move_to_end(key)
-            return _FLEX_MASKS[key]
-
-        def mask_mod(b, h, qi, ki):
-            qp = qi + offset
-            return (ki <= qp) & pattern.visible(qp, ki)
-
-        block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, _compile=compile_mask)
+    mask_mod, cache_key = pattern.flex_mask_mod(q, k, q_pos, k_pos, k_valid, scale)
+    key = None if cache_key is None else (cache_key, str(q.device))
+    if key is not None and key in _FLEX_MASKS:
+        _FLEX_MASKS.move_to_end(key)
+        return _FLEX_MASKS[key]
+    batch = None if cache_key is not None else q.shape[0]
+    heads = None if pattern.positional else q.shape[1]
+    block_mask = create_block_mask(mask_mod, batch, heads, q.shape[2], k.shape[2], device=q.device,
+                                   _compile=q.device.type == "cuda")
+    if key is not None:
         _FLEX_MASKS[key] = block_mask
         if len(_FLEX_MASKS) > _FLEX_CACHE_SIZE:
             _FLEX_MASKS.popitem(last=False)
-        return block_mask
-
-    valid = k_valid if k_valid is not None else torch.ones_like(k_pos, dtype=torch.bool)
-
-    def padded_mask_mod(b, h, qi, ki):
-        qp, kp = q_pos[b, qi], k_pos[b, ki]
-        return valid[b, ki] & (kp <= qp) & pattern.visible(qp, kp)
-
-    return create_block_mask(padded_mask_mod, q_pos.shape[0], None, q_len, kv_len, device=device,
-                             _compile=compile_mask)
+    return block_mask
 
 
-def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                          k_pos: torch.Tensor, k_valid: torch.Tensor | None, pattern: SparsePattern,
+def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+                          k_pos: torch.Tensor | None, k_valid: torch.Tensor | None, pattern: SparsePattern,
                           scaling: float) -> torch.Tensor:
-    tq, tk = q.shape[2], k.shape[2]
-    if k_valid is None:
-        block_mask = streaming_block_mask(pattern, tq, tk, q.device)
-    else:
-        block_mask = streaming_block_mask(pattern, tq, tk, q.device, q_pos, k_pos, k_valid)
+    """The pattern through FlexAttention (differentiable). Positions may be None for unpadded calls."""
+    block_mask = sparse_block_mask(pattern, q, k, q_pos, k_pos, k_valid, scaling)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return _flex_fn(q.device)(q, k, v, block_mask=block_mask, scale=scaling,
                                   enable_gqa=q.shape[1] != k.shape[1])
 
 
-def auto_sparse_backend(q: torch.Tensor, k: torch.Tensor, sa_rows: torch.Tensor | None) -> str:
-    """The measured choice (experiments/speed/README.md, H100): the Triton streaming kernels wherever they apply
-    (CUDA, one decision for the whole batch, no gradient: they have no backward); FlexAttention for long training
-    sequences (it compiles per shape, seconds for every new length, so only where a dense mask would not fit); the
-    masked SDPA path otherwise (CPU, mixed batches, short training batches)."""
-    if not q.is_cuda or sa_rows is not None:
-        return "masked_sdpa"
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if not needs_grad:
-        return "triton"
-    return "flex" if q.shape[2] * k.shape[2] >= FLEX_MIN_TOKENS ** 2 else "masked_sdpa"
+def resolve_sparse_backend(pattern: SparsePattern, backend: str, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor) -> str:
+    """The SA backend that runs `pattern` for this call. `auto`: the measured choice (experiments/speed/README.md,
+    H100) among the backends the pattern supports: the Triton kernels wherever they apply (CUDA, no gradient:
+    they have no backward); FlexAttention for long training sequences (it compiles per shape, seconds for every
+    new length, so only where a dense mask would not fit); the masked SDPA path otherwise (CPU, short training
+    batches). An explicit backend that cannot run the call fails with what to use instead."""
+    check_backend("sa", backend)
+    supported = pattern.backends
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if backend == "auto":
+        if q.is_cuda and not needs_grad and "triton" in supported:
+            return "triton"
+        long = q.shape[2] * k.shape[2] >= FLEX_MIN_TOKENS ** 2
+        if q.is_cuda and needs_grad and long and "flex" in supported:
+            return "flex"
+        for name in ("masked_sdpa", "reference", "flex"):
+            if name in supported:
+                return name
+        raise BackendError(f"no SA backend can run sparse pattern {pattern.name!r} (it supports {supported})")
+    if backend not in supported:
+        raise BackendError(f"SA backend {backend!r} cannot run sparse pattern {pattern.name!r}; use one of "
+                           f"{', '.join(supported)} (or 'auto')")
+    if backend == "triton":
+        if needs_grad:
+            raise BackendError(f"SA backend 'triton' has no backward pass, but this {pattern.name!r} call needs "
+                               "gradients (training); use sa_backend='auto', 'masked_sdpa' or 'flex'")
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendError("SA backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU, for tests); "
+                               "use sa_backend='auto' or 'masked_sdpa' on CPU")
+    return backend
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                      k_valid: torch.Tensor | None, pattern: SparsePattern, scaling: float, backend: str,
                      sa_rows: torch.Tensor | None = None, memo: dict | None = None) -> torch.Tensor:
-    """The pattern's attention. `sa_rows` limits the pattern to some samples (a mixed batch): masked path only."""
-    if backend == "auto":
-        backend = auto_sparse_backend(q, k, sa_rows)
-    if backend == "triton":
-        from flux.attention.triton_backend import triton_sparse_attention
-
-        if sa_rows is None:
-            return triton_sparse_attention(q, k, v, q_pos, k_pos, k_valid, pattern, scaling)
-        backend = "masked_sdpa"
-    if backend == "flex" and sa_rows is None:
-        return flex_sparse_attention(q, k, v, q_pos, k_pos, k_valid, pattern, scaling)
-    mask = memo_mask(memo, q_pos, k_pos, k_valid, pattern, sa_rows)
+    """The pattern's attention. `sa_rows` limits the pattern to some samples (a mixed batch): one masked call
+    (the reference backend when asked for, masked SDPA otherwise)."""
+    if sa_rows is None:
+        return pattern.attention(q, k, v, q_pos, k_pos, k_valid, scaling, backend, memo)
+    check_backend("sa", backend)
+    mask = pattern.mask(q, k, q_pos, k_pos, k_valid, scaling, sa_rows, memo)
     attend = eager_attention if backend == "reference" else sdpa_attention
     return attend(q, k, v, mask, scaling)

@@ -81,20 +81,33 @@ def dense_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 def sparse_attention_inplace(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             scale: float, ops: TorchOps) -> None:
-    """The pattern's prefill attention of q [B, H, T, D] over k/v [B, Hkv, T, D], in query chunks, written over q.
-    Chunk c only reads its own queries, so overwriting them once it is done is safe."""
+                             lengths: list[int], scale: float, ops: TorchOps) -> None:
+    """The pattern's prefill attention of the packed rows q [B, H, T, D] over k/v [B, Hkv, T, D], written over q.
+
+    A pattern whose queries only look back (`chunkable_queries`, e.g. streaming) runs in query chunks: chunk c only
+    reads its own queries, so it overwrites them once done and no second full-size buffer exists; rows shorter than
+    T need nothing special, because their padding sits after their last query. A pattern that reads the whole
+    prompt (triangle's last queries, XAttention's block scores) gets each sample's prompt exactly as that sample
+    alone would give it: one call for the batch when every row is full, else one call per row on its real tokens."""
     t = q.shape[2]
-    for s in range(0, t, SA_QUERY_CHUNK):
-        e = min(t, s + SA_QUERY_CHUNK)
-        q[:, :, s:e] = pattern.prefill(q[:, :, s:e], k[:, :, :e], v[:, :, :e], None, scale, backend=ops.name)
+    if pattern.chunkable_queries:
+        for s in range(0, t, SA_QUERY_CHUNK):
+            e = min(t, s + SA_QUERY_CHUNK)
+            q[:, :, s:e] = pattern.prefill_rows(q[:, :, s:e], k[:, :, :e], v[:, :, :e], scale, backend=ops.name)
+        return
+    if all(n == t for n in lengths):
+        q.copy_(pattern.prefill(q, k, v, None, scale, backend=ops.name))
+        return
+    for b, n in enumerate(lengths):
+        q[b:b + 1, :, :n] = pattern.prefill(q[b:b + 1, :, :n], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, scale,
+                                            backend=ops.name)
 
 
 def layer_attention(pattern: SparsePattern, ops: TorchOps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    sa: list[bool], scale: float) -> None:
+                    sa: list[bool], lengths: list[int], scale: float) -> None:
     """Attention for one layer with per-sample decisions `sa`, written over q (rows split when they disagree)."""
     if all(sa):
-        sparse_attention_inplace(pattern, q, k, v, scale, ops)
+        sparse_attention_inplace(pattern, q, k, v, lengths, scale, ops)
         return
     if not any(sa):
         dense_attention_inplace(q, k, v, scale)
@@ -103,7 +116,7 @@ def layer_attention(pattern: SparsePattern, ops: TorchOps, q: torch.Tensor, k: t
         idx = torch.tensor(rows, device=q.device)
         qr, kr, vr = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)
         if run == "sa":
-            sparse_attention_inplace(pattern, qr, kr, vr, scale, ops)
+            sparse_attention_inplace(pattern, qr, kr, vr, [lengths[b] for b in rows], scale, ops)
         else:
             dense_attention_inplace(qr, kr, vr, scale)
         q[idx] = qr
@@ -158,7 +171,7 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
                               "in eval mode)")
         sa = host_decisions(decision.sa, decision.uniform)
         decisions[:, layer] = decision.sa.to(device)
-        layer_attention(pattern, ops, q, k_full[:, :, :t], v_full[:, :, :t], sa, parts.scale)
+        layer_attention(pattern, ops, q, k_full[:, :, :t], v_full[:, :, :t], sa, packed.lengths_host, parts.scale)
         if cache is not None:
             cache.add_layer((k_full, v_full), [not s or not keep_policy for s in sa], packed.lengths)
         del k_full, v_full
