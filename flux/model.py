@@ -19,10 +19,11 @@ from flux.attention.backends import check_backend
 from flux.attention.patterns import SparsePattern, StreamingPattern
 from flux.backbone import Backbone
 from flux.cache import RoutedCache
+from flux.errors import FluxUserError
 from flux.plan import Plan, make_plan
 
 
-class InputError(ValueError):
+class InputError(FluxUserError):
     """Inputs that the model cannot take (empty, too long, mismatched shapes)."""
 
 

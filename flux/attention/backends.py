@@ -16,13 +16,14 @@ import torch.nn.functional as F
 
 from flux.attention.masks import position_mask
 from flux.attention.patterns import SparsePattern
+from flux.errors import FluxUserError
 
 FA_BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
 SA_BACKENDS = ("auto", "reference", "masked_sdpa", "flex", "triton")
 FLEX_MIN_TOKENS = 16384
 
 
-class BackendError(ValueError):
+class BackendError(FluxUserError):
     """An attention backend was asked for that does not exist or cannot run here."""
 
 

@@ -12,8 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from flux.errors import FluxUserError
 
-class PatternError(ValueError):
+
+class PatternError(FluxUserError):
     """A sparse pattern was asked for with an unknown name or invalid parameters."""
 
 
