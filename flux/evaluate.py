@@ -38,7 +38,13 @@ from flux.evals.progress import EvalProgress
 from flux.evals.results import record_from_line
 from flux.lit import check_router_files, load_router
 from flux.model import FluxModel
-from flux.preflight import check_device, check_sa_backend, check_writable_file, warn_if_window_covers
+from flux.preflight import (
+    check_device,
+    check_sa_backend,
+    check_writable_dir,
+    check_writable_file,
+    warn_if_window_covers,
+)
 from flux.train import build_pattern
 
 ROUTING_MODES = ("dense", "sparse", "router", "static", "first_dense", "random")
@@ -187,7 +193,7 @@ def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None) -> 
     meta = load_router(cfg.routing.checkpoint)[1] if mode == "router" else None
     overrides = explicit_sparse_overrides() if sparse_overrides is None else list(sparse_overrides)
     pattern = choose_pattern(build_pattern(cfg), meta, overrides)
-    out_dir = Path(cfg.output_dir)
+    out_dir = check_writable_dir(cfg.output_dir, "output_dir")
     progress = EvalProgress(out_dir, evaluation_identity(cfg, pattern))
     done = progress.start()
     if cfg.get("output"):

@@ -401,18 +401,79 @@ def test_smollm2_run_logs_and_exports(smollm2_run):
         assert torch.equal(logits[0][1][i], logits[1][1][i])
 
 
+def wandb_records(run_file: Path) -> list:
+    """The records of an offline W&B run file (`run-<id>.wandb`): a LevelDB-style log of 32 KiB blocks, each record
+    cut into chunks with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), after a 7-byte
+    file header. Each record is a wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, out = run_file.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def wandb_run_summary(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(run facts, config, summary) of one offline W&B run folder, read from its run file."""
+    import json
+
+    (run_file,) = run_dir.glob("run-*.wandb")
+    facts, config, summary = {}, {}, {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            facts = {"id": record.run.run_id, "group": record.run.run_group, "name": record.run.display_name}
+            items = record.run.config.update
+        elif kind in ("config", "summary"):
+            items = getattr(record, kind).update
+        else:
+            continue
+        target = summary if kind == "summary" else config
+        for item in items:
+            key = item.key or "/".join(item.nested_key)
+            target[key] = json.loads(item.value_json)
+    return facts, config, summary
+
+
 @pytest.mark.slow
-def test_multirun_sweep_trains_one_router_per_job(tiny_dir, tmp_path):
+def test_multirun_sweep_trains_one_router_per_job_each_in_its_own_wandb_run(tiny_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "flux.train", "-m", *tiny_overrides(tiny_dir, None), "trainer.max_steps=1",
+    overrides = [o for o in tiny_overrides(tiny_dir, None) if o != "logger=csv"]
+    cmd = [sys.executable, "-m", "flux.train", "-m", *overrides, "logger=wandb", "trainer.max_steps=1",
            "trainer.limit_val_batches=0", "objective.target=0.3,0.5", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "will reuse" not in proc.stdout + proc.stderr
+    run_ids = set()
     for job, target in (("0", 0.3), ("1", 0.5)):
         overrides = OmegaConf.load(sweep_dir / job / ".hydra" / "overrides.yaml")
         assert f"objective.target={target}" in overrides
         _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
         assert meta["training"]["steps"] == 1
+        (run_dir,) = (sweep_dir / job / "wandb").glob("offline-run-*")  # each job has its own run
+        facts, config, summary = wandb_run_summary(run_dir)
+        run_ids.add(facts["id"])
+        assert facts["group"] == "sweep"  # grouped by the sweep folder's name
+        assert f"objective.target={target}" in facts["name"] and str(tiny_dir) not in facts["name"]
+        assert config["objective"]["target"] == target and config["trainer"]["max_steps"] == 1  # the resolved config
+        assert config["output_dir"] == str(sweep_dir / job)
+        assert summary["train/target"] == 0.0  # its one step is step 0 of the ramp, which starts at target_start=0
+        assert "train/loss" in summary and "train/sparsity_hard" in summary  # final metrics in the summary
+    assert len(run_ids) == 2
 
 
 @pytest.mark.slow
