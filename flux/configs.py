@@ -4,7 +4,8 @@ hydra.utils.instantiate wraps every exception from the target in InstantiationEx
 found: x.jsonl (give the path ...)" under a Hydra stack trace. flux's user errors are the message the user needs, so
 they are re-raised as they are. A library's ValueError/TypeError/KeyError/FileNotFoundError raised while building an
 object from a config node (an unknown keyword such as `+data.foo=1`, a value the class rejects) is a config mistake
-too: it becomes one ConfigError naming the node's target. Anything else keeps Hydra's context (a bug, not a setting).
+too (as is Lightning's MisconfigurationException, e.g. `trainer.accelerator=gpu` without a GPU): it becomes one
+ConfigError naming the node's target. Anything else keeps Hydra's context (a bug, not a setting).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flux.errors import ConfigError, FluxUserError, one_line
+from flux.errors import ConfigError, FluxUserError, one_line, user_error_types
 
 
 def _target(config: Any) -> str:
@@ -30,6 +31,6 @@ def build(config: Any, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, FluxUserError):
             raise cause from None
-        if isinstance(cause, (ValueError, FileNotFoundError, KeyError, TypeError)):
+        if isinstance(cause, (ValueError, FileNotFoundError, KeyError, TypeError, *user_error_types())):
             raise ConfigError(f"{_target(config)}: {one_line(str(cause))}; fix this setting in the config") from cause
         raise

@@ -26,7 +26,7 @@ from flux.lit import AtomicCheckpointIO, FluxLitModule, export_router
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
 from flux.preflight import check_sa_backend, check_writable_dir, warn_if_window_covers
-from flux.resume import ResumePoint, check_backbone, check_pattern, check_router, check_tasks, read_checkpoint
+from flux.resume import check_backbone, check_pattern, check_router, check_tasks, read_checkpoint
 from flux.router import LayerRouter, RouterConfig
 from flux.tracking import build_logger, close_loggers, log_config
 
@@ -100,7 +100,11 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.checkpoint_every is not None:
         _positive_steps(cfg.checkpoint_every, "checkpoint_every", "or null to write no checkpoints")
     _positive_steps(cfg.routing_map_every, "routing_map_every", "e.g. routing_map_every=50")
-    check_sa_backend(cfg.attention.sa_backend, trainer_device_type(cfg.trainer))
+    device_type = trainer_device_type(cfg.trainer)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.get('accelerator')} but no CUDA device is visible; use "
+                          "trainer.accelerator=cpu (or trainer=cpu)")
+    check_sa_backend(cfg.attention.sa_backend, device_type)
 
 
 def build_target(cfg: DictConfig) -> TargetSchedule:
@@ -135,15 +139,6 @@ def check_prompt_lengths(data: Any, pattern: Any, max_positions: int) -> None:
     warn_if_window_covers(pattern, longest, "training")
 
 
-def export_checkpoint_router(point: ResumePoint, out_dir: Path, pattern_info: dict[str, Any]) -> Path:
-    """The router of a checkpoint that has nothing left to train, exported as training would have."""
-    config = {k: v for k, v in point.router.items() if k not in ("num_layers", "head_dim")}
-    router = LayerRouter(int(point.router["num_layers"]), int(point.router["head_dim"]), RouterConfig(**config))
-    router.load_state_dict(point.router_state)
-    summary = {"steps": point.step, "tasks": point.tasks, "final_metrics": {}}
-    return export_router(router, out_dir / "router", point.backbone or "", pattern_info, summary)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Everything after composition; returns paths, the final metrics and what happened (used by tests and sweeps).
 
@@ -159,18 +154,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_router(point, asdict(config))
         check_pattern(point, pattern.describe())
     check_writable_dir(out_dir, "output_dir")
-    max_steps = cfg.trainer.get("max_steps", -1)
-    if point is not None and 0 < max_steps <= point.step:
-        router_dir = export_checkpoint_router(point, out_dir, pattern.describe())
-        return {"output_dir": str(out_dir), "router_dir": str(router_dir), "metrics": {}, "global_step": point.step,
-                "steps_this_run": 0, "exported": True, "resumed_from": point.step,
-                "note": f"{point.path} is already at step {point.step} >= trainer.max_steps={max_steps}: nothing "
-                        "left to train (raise trainer.max_steps to continue); exported its router"}
     L.seed_everything(int(cfg.seed), workers=True)
     backbone = build_backbone(cfg)
     if point is not None:
         check_backbone(point.backbone, backbone.name)
     router = build_router(cfg, backbone.num_layers, backbone.head_dim)
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if point is not None and 0 < max_steps <= point.step:
+        router.load_state_dict(point.router_state)
+        summary = {"steps": point.step, "tasks": point.tasks, "final_metrics": {}}
+        export_router(router, out_dir / "router", backbone.name, pattern.describe(), summary)
+        return {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": {},
+                "global_step": point.step, "steps_this_run": 0, "exported": True, "resumed_from": point.step,
+                "note": f"{point.path} is already at step {point.step} >= trainer.max_steps={max_steps}: nothing "
+                        "left to train (raise trainer.max_steps to continue); exported its router"}
     data = build(cfg.data, tokenizer=backbone.tokenizer)
     check_target_tasks(target, data.task_names)
     if point is not None:

@@ -220,6 +220,7 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
     (["data.length_tokens=200", "data.max_tokens=150"], ValueError,
      r"> data\.max_tokens=150; lower data\.length_tokens or raise data\.max_tokens"),
     (["backbone.source=null"], BackboneError, r"backbone.source=None is empty; give a preset"),
+    (["trainer.precision=33"], ConfigError, r"lightning.Trainer: Precision 33 is invalid.*; fix this setting"),
     (["objective.target=-0.3"], ObjectiveError, r"end=-0\.3 must lie in \[0, 1\]"),
     (["router.tau_start=0"], RouterConfigError, r"tau must be > 0, got 0\.0"),
     (["router.tau_end=-1"], RouterConfigError, r"tau_end=-1\.0"),
@@ -598,6 +599,14 @@ def test_checkpoint_every_null_trains_without_checkpoints(tiny_dir, tmp_path):
         "trainer.max_steps=1", "checkpoint_every=null", "trainer.limit_val_batches=0"]))
     assert result["exported"] and not (tmp_path / "checkpoints").exists()
     assert (tmp_path / "router" / "router.json").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_accelerator_without_cuda_fails_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(flux.train, "build_backbone", lambda cfg: pytest.fail("the backbone loaded"))
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu but no CUDA device is visible; use "
+                                          r"trainer.accelerator=cpu"):
+        flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path) + ["trainer.accelerator=gpu"]))
 
 
 def test_per_task_typo_lists_the_valid_task_names(tiny_dir, tmp_path):
