@@ -220,6 +220,8 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
     (["data.length_tokens=200", "data.max_tokens=150"], ValueError,
      r"> data\.max_tokens=150; lower data\.length_tokens or raise data\.max_tokens"),
     (["backbone.source=null"], BackboneError, r"backbone.source=None is empty; give a preset"),
+    (["data.length_tokens=2100", "data.max_tokens=3000", "data.tasks=[fwe]"], ConfigError,
+     r"the longest training prompt has \d+ tokens but the backbone has 2048 positions; set data.max_tokens=2048"),
     (["trainer.precision=33"], ConfigError, r"lightning.Trainer: Precision 33 is invalid.*; fix this setting"),
     (["objective.target=-0.3"], ObjectiveError, r"end=-0\.3 must lie in \[0, 1\]"),
     (["router.tau_start=0"], RouterConfigError, r"tau must be > 0, got 0\.0"),
@@ -475,6 +477,35 @@ def test_multirun_sweep_trains_one_router_per_job_each_in_its_own_wandb_run(tiny
         assert summary["train/target"] == 0.0  # its one step is step 0 of the ramp, which starts at target_start=0
         assert "train/loss" in summary and "train/sparsity_hard" in summary  # final metrics in the summary
     assert len(run_ids) == 2
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_dir, tmp_path):
+    """kill -9 in the middle of a run leaves whole checkpoints (atomic writes), and resume= continues from the last."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "flux.train", *tiny_overrides(tiny_dir, None), "trainer.max_steps=500",
+           "checkpoint_every=1", "trainer.limit_val_batches=0", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "step000003.ckpt").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = load_ckpt(last)["global_step"]
+    assert 3 <= step < 500 and not (run_dir / "router").exists()
+    result = flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path / "resumed") + [
+        f"trainer.max_steps={step + 2}", "checkpoint_every=1", "trainer.limit_val_batches=0", f"resume={last}"]))
+    assert (result["global_step"], result["steps_this_run"], result["resumed_from"]) == (step + 2, 2, step)
+    resumed = load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert adam_steps(resumed) == {float(step + 2)}
+    assert load_router(result["router_dir"], num_layers=TINY_LAYERS)[1]["training"]["steps"] == step + 2
 
 
 @pytest.mark.slow
