@@ -210,9 +210,11 @@ def summary_line(result: dict[str, Any]) -> str:
     if "note" in result:
         return result["note"] + (f" to {result['router_dir']}" if result["exported"] else "")
     resumed = result["resumed_from"]
-    origin = f", resumed from step {resumed}" if resumed else ""
-    return (f"router exported to {result['router_dir']} after {result['global_step']} steps "
-            f"({result['steps_this_run']} in this run{origin})")
+    steps = f"{result['global_step']} steps ({result['steps_this_run']} in this run"
+    steps += f", resumed from step {resumed})" if resumed else ")"
+    if not result["exported"]:  # a DDP rank other than 0: rank 0 writes the router
+        return f"training ended after {steps}; this process exported no router (rank 0 does)"
+    return f"router exported to {result['router_dir']} after {steps}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
