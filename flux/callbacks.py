@@ -9,6 +9,7 @@ import lightning as L
 import matplotlib
 
 from flux import viz
+from flux.errors import ConfigError
 from flux.lit import FluxLitModule, export_router
 
 
@@ -19,7 +20,7 @@ class RoutingMapCallback(L.Callback):
 
     def __init__(self, out_dir: str, every_n_steps: int = 50) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
 
@@ -50,6 +51,7 @@ class ExportRouterCallback(L.Callback):
     def __init__(self, out_dir: str, pattern: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.pattern = pattern
+        self.exported = False  # read by flux.train, which reports an export only when one happened
 
     def on_train_end(self, trainer: L.Trainer, pl_module: FluxLitModule) -> None:
         if not trainer.is_global_zero:
@@ -57,3 +59,4 @@ class ExportRouterCallback(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         summary = {"steps": trainer.global_step, "tasks": pl_module.tasks, "final_metrics": metrics}
         export_router(pl_module.router, self.out_dir, pl_module.flux_model.backbone.name, self.pattern, summary)
+        self.exported = True

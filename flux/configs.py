@@ -1,8 +1,11 @@
 """Hydra instantiation that lets a user's mistake surface as flux's own message.
 
 hydra.utils.instantiate wraps every exception from the target in InstantiationException, which buries "file not
-found: x.jsonl (give the path ...)" under a Hydra stack trace. flux's errors are the message the user needs, so they
-are re-raised as they are; anything else keeps Hydra's context.
+found: x.jsonl (give the path ...)" under a Hydra stack trace. flux's user errors are the message the user needs, so
+they are re-raised as they are. A library's ValueError/TypeError/KeyError/FileNotFoundError raised while building an
+object from a config node (an unknown keyword such as `+data.foo=1`, a value the class rejects) is a config mistake
+too (as is Lightning's MisconfigurationException, e.g. `trainer.accelerator=gpu` without a GPU): it becomes one
+ConfigError naming the node's target. Anything else keeps Hydra's context (a bug, not a setting).
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from flux.errors import ConfigError, FluxUserError, one_line, user_error_types
+
+
+def _target(config: Any) -> str:
+    target = config.get("_target_") if isinstance(config, (dict, DictConfig)) else None
+    return str(target) if target else "config"
 
 
 def build(config: Any, **kwargs: Any) -> Any:
@@ -18,6 +29,8 @@ def build(config: Any, **kwargs: Any) -> Any:
         return instantiate(config, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError, KeyError, TypeError)):
+        if isinstance(cause, FluxUserError):
             raise cause from None
+        if isinstance(cause, (ValueError, FileNotFoundError, KeyError, TypeError, *user_error_types())):
+            raise ConfigError(f"{_target(config)}: {one_line(str(cause))}; fix this setting in the config") from cause
         raise

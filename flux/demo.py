@@ -9,12 +9,13 @@ A few CPU minutes cannot train a good router: the shipped router is the one to j
 
 from __future__ import annotations
 
-import argparse
+import shutil
 from pathlib import Path
 
 import matplotlib
 
 from flux import viz
+from flux.errors import ArgumentParser, ConfigError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -30,23 +31,28 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="train -> evaluate -> routing map on SmolLM2, on CPU")
+def run(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m flux.demo",
+                            description="train -> evaluate -> routing map on SmolLM2, on CPU")
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--length", type=int, default=768, help="prompt tokens of the evaluation split")
     parser.add_argument("--n", type=int, default=2, help="evaluation samples per task")
     args = parser.parse_args(argv)
+    for name in ("steps", "length", "n"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}={getattr(args, name)} must be a positive integer; see --help")
     matplotlib.use("Agg")
     out = Path(args.out).resolve()
 
     from flux.evaluate import evaluate
-    from flux.train import run
+    from flux.train import run as train
 
-    # the shipped router's pattern (its router.json), so every router in the summary runs as it was trained
+    # The demo's prompts (512-768 tokens) need a window far below the default (StreamingPattern's), or SA would see
+    # every token. These are the shipped router's values; every router runs its own pattern (its router.json) anyway.
     sparse = ["sparse.sink=64", "sparse.window=256"]
     print(f"[1/3] training a router for {args.steps} steps on CPU -> {out / 'train'}")
-    trained = run(compose("train", sparse + [
+    trained = train(compose("train", sparse + [
         f"trainer.max_steps={args.steps}", "logger=csv", f"output_dir={out / 'train'}", f"data.tasks=[{','.join(TASKS)}]",
         "data.n_train=2", "data.n_val=1", "data.length_tokens=512", "data.max_tokens=768", "data.batch_size=2",
         "objective.ramp_steps=4", "objective.target=0.5", "checkpoint_every=4", "routing_map_every=4",
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     runs += [(name, ["routing.mode=router", f"routing.checkpoint={path}"]) for name, path in routers.items()]
     summary = {}
     for name, extra in runs:
+        # a fresh folder: an evaluation folder resumes the run it holds, and this demo retrains its router each time
+        shutil.rmtree(out / "eval" / name, ignore_errors=True)
         results = evaluate(compose("evaluate", eval_common + extra + [f"output_dir={out / 'eval' / name}"]))
         summary[name] = results["summary"]
     print("\n[summary] mean score and fraction of layers on sparse attention")
@@ -72,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     fig = viz.routing_heatmap(records, title=f"SmolLM2 routing map ({best.replace('_', ' ')})")
     path = viz.save_figure(fig, out / "routing_map.png")
     print(f"[3/3] routing map written to {path}")
+
+
+def main() -> None:
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,23 @@
 Routing modes (`routing.mode=`): dense (every layer FA), sparse (every layer SA), router (a trained router from
 `routing.checkpoint=PATH`), static (`routing.sa_layers=[...]`), first_dense (`routing.k` first layers FA, the rest SA),
 random (a seeded random layer plan with `routing.sparsity` of the layers on SA, per sample). Everything that can be
-checked before the model runs is checked first: task, files, lengths against the model's positions, the router's
-backbone and layer count.
+checked before the model runs is checked first: settings, device, task and files, lengths against the model's
+positions, the router files, the output folder.
+
+Nothing is lost: each finished sample is appended to routing.jsonl (record, prediction, reference answers,
+decisions, score), and rerunning the same command with the same `output_dir` continues from the samples already
+there (flux.evals.progress); results.json is rebuilt from the complete routing.jsonl at the end.
+
+A router runs with its own sparse pattern (the one in its router.json) unless `sparse.*` is set on the command line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random as _random
-import warnings
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +28,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from flux.backbone import Backbone, backbone_max_positions, load_backbone
+from flux.attention.patterns import SparsePattern, pattern_from_description
+from flux.backbone import backbone_max_positions, load_backbone
 from flux.configs import build
 from flux.data.prompting import build_prompt, collate_left_padded
-from flux.evals import PerplexityTask, aggregate, build_results, make_record, write_results, write_routing
+from flux.errors import ConfigError, report_user_errors, run_cli
+from flux.evals import PerplexityTask, aggregate, build_results, make_record, write_results
+from flux.evals.progress import EvalProgress
+from flux.evals.results import record_from_line
 from flux.lit import check_router_files, load_router
 from flux.model import FluxModel
+from flux.preflight import (
+    check_device,
+    check_sa_backend,
+    check_writable_dir,
+    check_writable_file,
+    warn_if_window_covers,
+)
 from flux.train import build_pattern
 
 ROUTING_MODES = ("dense", "sparse", "router", "static", "first_dense", "random")
+# Keys of the config that only say where results go: a resumed run may change them.
+OUTPUT_KEYS = ("output_dir", "output")
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     """A routing mode or its parameters do not fit the backbone."""
 
 
@@ -72,61 +93,129 @@ class RandomPlan:
         return plan
 
 
-def build_router_model(cfg: DictConfig, backbone: Backbone) -> tuple[FluxModel, Any]:
-    routing = cfg.routing
-    router = None
-    if routing.mode == "router":
-        router, meta = load_router(routing.checkpoint, backbone.name, backbone.num_layers)
-        router.to(backbone.device)
-    pattern = build_pattern(cfg)
-    if router is not None and meta.get("sparse") and meta["sparse"] != pattern.describe():
-        warnings.warn(f"the router was trained with sparse attention {meta['sparse']} but this run uses "
-                      f"{pattern.describe()}; pass the same sparse.* values to reproduce its numbers", stacklevel=2)
-    fm = FluxModel(backbone, pattern=pattern, fa_backend=cfg.attention.fa_backend,
-                   sa_backend=cfg.attention.sa_backend, router=router)
-    return fm, router
-
-
 def check_config(cfg: DictConfig) -> None:
-    if cfg.routing.mode not in ROUTING_MODES:
-        raise EvalConfigError(f"unknown routing mode {cfg.routing.mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+    """The routing and evaluation settings on their own (layer indices are checked against the backbone later)."""
+    mode = cfg.routing.mode
+    if mode not in ROUTING_MODES:
+        raise EvalConfigError(f"unknown routing mode {mode!r}; choose one of {', '.join(ROUTING_MODES)}")
+    batch_size = cfg.eval.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalConfigError(f"eval.batch_size={batch_size!r} must be a positive integer; e.g. eval.batch_size=8")
+    routing = cfg.routing
+    if mode == "static":
+        layers = routing.get("sa_layers")
+        if not layers:
+            raise EvalConfigError("routing.mode=static needs routing.sa_layers=[...], the indices of the SA layers; "
+                                  "use routing.mode=dense for no SA layer")
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad:
+            raise EvalConfigError(f"routing.sa_layers has entries {bad} that are not layer indices; list the SA "
+                                  "layers by index, e.g. routing.sa_layers=[1,3]")
+    if mode == "first_dense":
+        k = routing.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise EvalConfigError(f"routing.k={k!r} must be an integer >= 0 (the first k layers stay FA)")
+    if mode == "random":
+        sparsity = routing.get("sparsity")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+            raise EvalConfigError(f"routing.sparsity={sparsity!r} must lie in [0, 1] for mode=random")
+    if mode == "router":
+        check_router_files(routing.get("checkpoint"))
     build_pattern(cfg)  # an unknown pattern or a bad parameter fails here, before any model loads
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the evaluation described by a composed config; returns the results dict (also written to disk)."""
+def explicit_sparse_overrides() -> list[str]:
+    """The `sparse.*` (or `sparse=`) overrides the user typed on the command line of this Hydra run; [] outside one
+    (compose(), a notebook), where the config's sparse section counts as not overridden."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    overrides = HydraConfig.get().overrides.task
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("@", 1)[0] == "sparse"]
+
+
+def choose_pattern(configured: SparsePattern, router_meta: dict[str, Any] | None,
+                   overrides: Sequence[str]) -> SparsePattern:
+    """The pattern an evaluation runs: a router's own pattern (from its router.json) unless the user set sparse.*
+    explicitly, which then wins with a one-line notice. Without a router, the configured pattern."""
+    saved = (router_meta or {}).get("sparse")
+    if not saved:
+        return configured
+    if overrides:
+        if saved != configured.describe():
+            print(f"notice: running sparse attention {configured.describe()} from the command line "
+                  f"({' '.join(overrides)}) instead of the router's own {saved}", file=sys.stderr)
+        return configured
+    return pattern_from_description(saved)
+
+
+def router_digest(checkpoint: str) -> str:
+    """sha256 of the router's two files: a resumed evaluation must run the same router, not one retrained there."""
+    h = hashlib.sha256()
+    for path in check_router_files(checkpoint):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def evaluation_identity(cfg: DictConfig, pattern: SparsePattern) -> dict[str, Any]:
+    """Everything that decides an evaluation's results (eval_config.json): the resolved config without the output
+    paths, the sparse pattern that actually runs, and the router files' digest."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in OUTPUT_KEYS:
+        config.pop(key, None)
+    identity = {"config": config, "pattern": pattern.describe()}
+    if cfg.routing.mode == "router":
+        identity["router_sha256"] = router_digest(cfg.routing.checkpoint)
+    return identity
+
+
+def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the evaluation described by a composed config; returns the results dict (also on disk).
+
+    `sparse_overrides`: the user's explicit sparse.* overrides (default: read from the Hydra command line)."""
     check_config(cfg)
+    device = check_device(cfg.get("device"))
+    check_sa_backend(cfg.attention.sa_backend, device.type)
     task_cfg = OmegaConf.to_container(cfg.eval.task, resolve=True, throw_on_missing=True)
     task = build(task_cfg)
-    out_dir = Path(cfg.output_dir)
     backbone_params = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone_params.pop("description", None)
-    if cfg.get("device"):
-        backbone_params["device"] = cfg.device
+    backbone_params["device"] = str(device)
     needed = task.required_positions()
     limit = backbone_max_positions(**backbone_params)
     if needed is not None and needed > limit:
         raise EvalConfigError(f"the task needs {needed} positions but backbone {backbone_params['source']!r} has "
                               f"{limit}; lower the lengths (e.g. eval.task.lengths) to fit")
-    if cfg.routing.mode == "router":
-        check_router_files(cfg.routing.get("checkpoint"))
-    backbone = load_backbone(**backbone_params)
-    fm, router = build_router_model(cfg, backbone)
     mode = cfg.routing.mode
+    meta = load_router(cfg.routing.checkpoint)[1] if mode == "router" else None
+    overrides = explicit_sparse_overrides() if sparse_overrides is None else list(sparse_overrides)
+    pattern = choose_pattern(build_pattern(cfg), meta, overrides)
+    out_dir = check_writable_dir(cfg.output_dir, "output_dir")
+    progress = EvalProgress(out_dir, evaluation_identity(cfg, pattern))
+    done = progress.start()
+    if cfg.get("output"):
+        check_writable_file(cfg.output, "output")
+
+    backbone = load_backbone(**backbone_params)
+    router = None
+    if mode == "router":
+        router = load_router(cfg.routing.checkpoint, backbone.name, backbone.num_layers)[0].to(backbone.device)
+    fm = FluxModel(backbone, pattern=pattern, fa_backend=cfg.attention.fa_backend,
+                   sa_backend=cfg.attention.sa_backend, router=router)
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
     static = layer_plan(mode, backbone.num_layers, routing)
-    rand = RandomPlan(backbone.num_layers, float(routing.get("sparsity") or 0.0),
-                      int(routing.get("seed", 0))) if mode == "random" else None
+    rand = RandomPlan(backbone.num_layers, float(routing["sparsity"]), int(routing.get("seed", 0))) \
+        if mode == "random" else None
+    uses_sa = static is None or any(static)
     if isinstance(task, PerplexityTask):
-        records = evaluate_ppl(fm, task, static, rand, router)
+        records = evaluate_ppl(fm, task, static, rand, router, progress, done, uses_sa)
     else:
         records = evaluate_generation(fm, task, static, rand, router, int(cfg.eval.get("batch_size", 1)),
-                                      cfg.eval.get("max_input_tokens"))
-    label = mode if mode not in ("random", "static", "first_dense") else f"{mode}"
-    results = build_results(backbone.name, label, fm.pattern.describe(), aggregate(records))
+                                      cfg.eval.get("max_input_tokens"), progress, done, uses_sa)
+    results = build_results(backbone.name, mode, fm.pattern.describe(), aggregate(records))
     paths = [out_dir / "results.json"] + ([Path(cfg.output)] if cfg.get("output") else [])
     write_results(results, *paths)
-    write_routing(out_dir / "routing.jsonl", records)
     print_table(results)
     return results
 
@@ -139,10 +228,18 @@ def _plan_for(batch: int, static, rand, router, device):
     return router.as_plan()
 
 
-def evaluate_generation(fm: FluxModel, task, static, rand, router, batch_size: int,
-                        max_input_tokens: int | None = None) -> list:
+def _resumed(bar_desc: str, done: int, total: int) -> tqdm:
+    if done:
+        print(f"resuming: {done} of {total} samples already in routing.jsonl", file=sys.stderr)
+    return tqdm(total=total, initial=done, desc=bar_desc, unit="sample")
+
+
+def evaluate_generation(fm: FluxModel, task, static, rand, router, batch_size: int, max_input_tokens: int | None,
+                        progress: EvalProgress, done: list[dict[str, Any]], uses_sa: bool = True) -> list:
     """Greedy generation in length-sorted batches; prompts are middle-truncated to fit the model (and
-    `max_input_tokens` when set, as LongBench's protocol does)."""
+    `max_input_tokens` when set, as LongBench's protocol does). The batches are the same in a resumed run (so are
+    the random plans drawn for them): a batch whose samples are all in `done` is skipped, and a batch cut short by
+    an interruption runs again and appends only its missing samples. Returns every sample's record, in order."""
     tok = fm.backbone.tokenizer
     samples = task.samples(tok)
     budgets = [task.max_new_tokens(s) for s in samples]
@@ -154,41 +251,60 @@ def evaluate_generation(fm: FluxModel, task, static, rand, router, batch_size: i
             limit = min(limit, int(max_input_tokens))
         prompts.append(build_prompt(tok, fields.context, fields.question, separator=fields.separator, chat=s.chat,
                                     max_tokens=limit, task=s.task, example_id=s.id))
+    if uses_sa:
+        warn_if_window_covers(fm.pattern, max(map(len, prompts)), "evaluation")
     order = sorted(range(len(samples)), key=lambda i: (len(prompts[i]), i))
+    keys = [task.row_key(samples[i]) for i in order]
+    progress.check_order(done, [(label, samples[i].id) for (label, _), i in zip(keys, order)])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    records = []
     device = fm.backbone.device
-    bar = tqdm(total=len(order), desc="evaluating", unit="sample")
+    bar = _resumed("evaluating", len(done), len(order))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        plan = _plan_for(len(idx), static, rand, router, device)  # drawn for skipped batches too: same random plans
+        if start + len(idx) <= len(done):
+            continue
         batch = collate_left_padded([prompts[i] for i in idx], pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         segments = {k: v.to(device) for k, v in batch["segments"].items()}
-        plan = _plan_for(len(idx), static, rand, router, device)
         res = fm.generate(ids, mask, plan=plan, max_new_tokens=max(budgets[i] for i in idx), segments=segments)
+        finished = []
         for row, i in enumerate(idx):
-            new = res.sequences[row, :budgets[i]]
-            text = tok.decode(new, skip_special_tokens=True)
-            records.append(make_record(task, samples[i], text, res.decisions[row].tolist(),
-                                       int(mask[row].sum())))
-        bar.update(len(idx))
+            if start + row < len(done):
+                continue
+            text = tok.decode(res.sequences[row, :budgets[i]], skip_special_tokens=True)
+            finished.append(make_record(task, samples[i], text, res.decisions[row].tolist(), int(mask[row].sum())))
+        progress.append(finished)
+        bar.update(len(finished))
     bar.close()
-    return records
+    return [record_from_line(line, length) for line, (_, length) in zip(progress.read(), keys)]
 
 
 @torch.no_grad()
-def evaluate_ppl(fm: FluxModel, task: PerplexityTask, static, rand, router) -> list:
-    records = []
+def evaluate_ppl(fm: FluxModel, task: PerplexityTask, static, rand, router, progress: EvalProgress,
+                 done: list[dict[str, Any]], uses_sa: bool = True) -> list:
+    """Sliding-window perplexity, one window at a time, appended and resumed like generation."""
     device = fm.backbone.device
-    for window in tqdm(task.windows(fm.backbone.tokenizer), desc="perplexity", unit="window"):
+    windows = task.windows(fm.backbone.tokenizer)
+    if uses_sa:
+        warn_if_window_covers(fm.pattern, max(len(w.input_ids) for w in windows), "evaluation")
+    label, length = task.row_key()
+    progress.check_order(done, [(label, w.id) for w in windows])
+    bar = _resumed("perplexity", len(done), len(windows))
+    for j, window in enumerate(windows):
+        plan = _plan_for(1, static, rand, router, device)
+        if j < len(done):
+            continue
         ids = torch.tensor([list(window.input_ids)], device=device)
-        out = fm(ids, plan=_plan_for(1, static, rand, router, device))
+        out = fm(ids, plan=plan)
         logits = out.logits[0, :-1].float()
         targets = ids[0, 1:]
         nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         scored = nll[-window.n_scored:] if window.n_scored < nll.numel() else nll
-        records.append(task.record(window, float(scored.sum()), out.decisions[0].tolist()))
-    return records
+        progress.append([task.record(window, float(scored.sum()), out.decisions[0].tolist())])
+        bar.update(1)
+    bar.close()
+    return [record_from_line(line, length) for line in progress.read()]
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -201,8 +317,13 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+@report_user_errors
+def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
+from flux.errors import FluxUserError
 from flux.model import FluxModel
 from flux.objectives import (
     SparsityConstraint,
@@ -27,6 +28,7 @@ from flux.objectives import (
     answer_lm_loss,
     sample_sparsity,
 )
+from flux.resume import check_backbone, remap_tasks
 from flux.router import LayerRouter, RouterConfig, RouterPlan, cosine_tau, router_config_dict
 
 BACKBONE_PREFIX = "flux_model."
@@ -186,13 +188,21 @@ class FluxLitModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith(BACKBONE_PREFIX)}
         checkpoint["flux"] = {"backbone": self.flux_model.backbone.name, "tasks": self.tasks,
-                              "router": router_config_dict(self.router)}
+                              "router": router_config_dict(self.router),
+                              "sparse": self.flux_model.pattern.describe()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Runs before Lightning loads the state: refuse another backbone or task set, and reorder the per-task
+        multipliers when the same tasks come in another order (flux.train checks everything else before fit)."""
         saved = checkpoint.get("flux", {})
-        if saved.get("backbone") not in (None, self.flux_model.backbone.name):
-            raise ValueError(f"checkpoint was trained on backbone {saved['backbone']!r}, not "
-                             f"{self.flux_model.backbone.name!r}; resume with the same backbone")
+        check_backbone(saved.get("backbone"), self.flux_model.backbone.name)
+        if saved.get("tasks"):
+            remap_tasks(checkpoint, list(saved["tasks"]), self.tasks)
+        # the optimizer states carry the learning rates they were saved with; this run's settings win
+        settings = ({"lr": self.router_lr, "weight_decay": self.weight_decay}, {"lr": self.lambda_lr})
+        for state, values in zip(checkpoint.get("optimizer_states") or [], settings):
+            for group in state.get("param_groups", []):
+                group.update(values)
 
 
 def export_router(router: LayerRouter, out_dir: str | Path, backbone: str, pattern: dict[str, Any],
@@ -211,7 +221,7 @@ def export_router(router: LayerRouter, out_dir: str | Path, backbone: str, patte
     return out
 
 
-class RouterCheckpointError(ValueError):
+class RouterCheckpointError(FluxUserError):
     """A router checkpoint is missing, malformed, or made for another backbone."""
 
 

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flux.errors import FluxUserError
 
-class ObjectiveError(ValueError):
+
+class ObjectiveError(FluxUserError):
     """An invalid objective setting (target, ramp, weights)."""
 
 

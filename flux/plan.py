@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from flux.errors import FluxUserError
 
-class PlanError(ValueError):
+
+class PlanError(FluxUserError):
     """A routing plan does not fit the model or the batch."""
 
 
@@ -95,8 +97,12 @@ def make_plan(plan: Any, num_layers: int, batch_size: int) -> Plan:
             return SamplePlan(plan)
         if not plan.is_floating_point():
             raise PlanError(f"plan tensor dtype {plan.dtype} is neither bool (hard decisions) nor float (gates)")
-        if bool(((plan < 0) | (plan > 1)).any()):
-            raise PlanError("gate plan values must lie in [0, 1] (weight of full attention)")
+        # NaN fails both comparisons, so `~(in range)` catches NaN and +-inf along with values outside [0, 1]
+        bad = ~((plan >= 0) & (plan <= 1))
+        if bool(bad.any()):
+            sample, layer = (int(i) for i in bad.nonzero()[0])
+            raise PlanError(f"gate plan value {float(plan[sample, layer])} at (sample {sample}, layer {layer}) is not "
+                            "a number in [0, 1]; gates are the weight of full attention, finite and in [0, 1]")
         return GatePlan(plan)
     if isinstance(plan, (list, tuple)):
         if len(plan) != num_layers:

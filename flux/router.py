@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from flux.errors import FluxUserError
 from flux.plan import LayerDecision, Plan
 
 POOLING = ("first_last", "mean")
 
 
-class RouterConfigError(ValueError):
+class RouterConfigError(FluxUserError):
     """An invalid router setting (temperature, pool size, hidden sizes, ...)."""
 
 

@@ -8,6 +8,7 @@ router.tau_start=1.0,1.5 objective.target=0.3,0.5,0.7`.
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,14 @@ from flux.attention.patterns import get_pattern
 from flux.backbone import load_backbone
 from flux.callbacks import ExportRouterCallback, RoutingMapCallback
 from flux.configs import build
-from flux.lit import AtomicCheckpointIO, FluxLitModule
+from flux.errors import ConfigError, report_user_errors, run_cli, warn
+from flux.lit import AtomicCheckpointIO, FluxLitModule, export_router
 from flux.model import FluxModel
-from flux.objectives import TargetSchedule
+from flux.objectives import ObjectiveError, TargetSchedule
+from flux.preflight import check_sa_backend, check_writable_dir, warn_if_window_covers
+from flux.resume import check_backbone, check_pattern, check_router, check_tasks, read_checkpoint
 from flux.router import LayerRouter, RouterConfig
+from flux.tracking import build_logger, close_loggers, log_config
 
 # Two Lightning warnings that describe flux's design, not a problem: the frozen backbone stays in eval mode (no
 # dropout) while the router trains, and checkpoints are taken after each manual optimisation step on purpose.
@@ -34,7 +39,10 @@ ROUTER_KEYS = ("kind", "pool_size", "hidden", "init_fa_bias", "pooling", "read_l
 
 
 def build_pattern(cfg: DictConfig):
-    params = {k: v for k, v in OmegaConf.to_container(cfg.sparse, resolve=True).items() if k != "name"}
+    """The configured sparse pattern; a null parameter keeps the pattern class's own default (the one documented
+    default: StreamingPattern's sink and window, the paper's)."""
+    params = {k: v for k, v in OmegaConf.to_container(cfg.sparse, resolve=True).items()
+              if k != "name" and v is not None}
     return get_pattern(cfg.sparse.name, **params)
 
 
@@ -44,39 +52,128 @@ def build_backbone(cfg: DictConfig):
     return load_backbone(**params)
 
 
-def build_router(cfg: DictConfig, num_layers: int, head_dim: int) -> LayerRouter:
+def router_config(cfg: DictConfig) -> RouterConfig:
+    """The router's settings alone (checked before any weights load)."""
     r = cfg.router
-    config = RouterConfig(tau=float(r.tau_start), **{k: (list(r[k]) if k == "hidden" else r[k])
-                                                     for k in ROUTER_KEYS if k in r})
-    return LayerRouter(num_layers, head_dim, config)
+    return RouterConfig(tau=float(r.tau_start), **{k: (list(r[k]) if k == "hidden" else r[k])
+                                                   for k in ROUTER_KEYS if k in r})
+
+
+def build_router(cfg: DictConfig, num_layers: int, head_dim: int) -> LayerRouter:
+    return LayerRouter(num_layers, head_dim, router_config(cfg))
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, pattern_info: dict[str, Any]) -> L.Trainer:
-    logger = build(cfg.logger) if cfg.get("logger") else False
-    callbacks = [
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
-                                            every_n_train_steps=int(cfg.checkpoint_every), save_top_k=-1,
-                                            filename="step{step:06d}", auto_insert_metric_name=False),
+    callbacks: list[L.Callback] = []
+    if cfg.checkpoint_every is not None:  # null: no checkpoints (and nothing to resume from)
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=str(out_dir / "checkpoints"), save_last=True, every_n_train_steps=int(cfg.checkpoint_every),
+            save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False))
+    callbacks += [
         RoutingMapCallback(str(out_dir / "routing_maps"), every_n_steps=int(cfg.routing_map_every)),
         ExportRouterCallback(str(out_dir / "router"), pattern_info),
         L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1),
     ]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return build(trainer_cfg, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                       default_root_dir=str(out_dir))
+    return build(trainer_cfg, logger=build_logger(cfg), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                 default_root_dir=str(out_dir))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Everything after composition; returns paths and the final metrics (used by tests and sweeps)."""
-    out_dir = Path(cfg.output_dir)
-    L.seed_everything(int(cfg.seed), workers=True)
-    pattern = build_pattern(cfg)
-    backbone = build_backbone(cfg)
-    router = build_router(cfg, backbone.num_layers, backbone.head_dim)
-    data = build(cfg.data, tokenizer=backbone.tokenizer)
+def _positive_steps(value: Any, key: str, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive number of training steps; {fix}")
+
+
+def trainer_device_type(trainer_cfg: DictConfig) -> str:
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator in ("gpu", "cuda") else accelerator
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Settings that are wrong whatever the model and data: checked before anything loads."""
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps != -1:
+        _positive_steps(max_steps, "trainer.max_steps",
+                        "a run of 0 steps trains nothing (use -1 to train for trainer.max_epochs)")
+    if cfg.checkpoint_every is not None:
+        _positive_steps(cfg.checkpoint_every, "checkpoint_every", "or null to write no checkpoints")
+    _positive_steps(cfg.routing_map_every, "routing_map_every", "e.g. routing_map_every=50")
+    device_type = trainer_device_type(cfg.trainer)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.get('accelerator')} but no CUDA device is visible; use "
+                          "trainer.accelerator=cpu (or trainer=cpu)")
+    check_sa_backend(cfg.attention.sa_backend, device_type)
+
+
+def build_target(cfg: DictConfig) -> TargetSchedule:
     obj = cfg.objective
     target = TargetSchedule(end=float(obj.target), start=float(obj.target_start), ramp_steps=int(obj.ramp_steps),
                             per_task={k: float(v) for k, v in (obj.per_task or {}).items()})
+    max_steps = cfg.trainer.get("max_steps", -1)
+    reached = target.target("", max_steps - 1) if max_steps > 0 else target.end
+    if max_steps < target.ramp_steps and abs(reached - target.end) > 1e-9:
+        warn(f"trainer.max_steps={max_steps} < objective.ramp_steps={target.ramp_steps}: the sparsity target stops "
+             f"at {reached:.3g} instead of reaching {target.end:.3g}; raise trainer.max_steps or lower "
+             "objective.ramp_steps")
+    return target
+
+
+def check_target_tasks(target: TargetSchedule, tasks: list[str]) -> None:
+    unknown = sorted(set(target.per_task) - set(tasks))
+    if unknown:
+        raise ObjectiveError(f"objective.per_task names task(s) {unknown} that the data does not have; valid task "
+                             f"names: {', '.join(tasks)}")
+
+
+def check_prompt_lengths(data: Any, pattern: Any, max_positions: int) -> None:
+    """Tokenise the data now (Lightning would do it inside fit) and compare its longest prompt with the backbone's
+    positions and the sparse window."""
+    data.setup("fit")
+    lengths = [len(ds[i]) for ds in (data.train_dataset, data.val_dataset) for i in range(len(ds))]
+    longest = max(lengths, default=0)
+    if longest > max_positions:
+        raise ConfigError(f"the longest training prompt has {longest} tokens but the backbone has {max_positions} "
+                          f"positions; set data.max_tokens={max_positions} or lower (long contexts lose their middle)")
+    warn_if_window_covers(pattern, longest, "training")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Everything after composition; returns paths, the final metrics and what happened (used by tests and sweeps).
+
+    Settings, the sparse pattern, the router config, the targets, the output folder and the resume checkpoint are
+    checked before the backbone loads; the task list and the prompts before training starts."""
+    out_dir = Path(cfg.output_dir)
+    check_train_config(cfg)
+    pattern = build_pattern(cfg)
+    config = router_config(cfg)
+    target = build_target(cfg)
+    point = read_checkpoint(cfg.resume) if cfg.resume else None
+    if point is not None:
+        check_router(point, asdict(config))
+        check_pattern(point, pattern.describe())
+    check_writable_dir(out_dir, "output_dir")
+    L.seed_everything(int(cfg.seed), workers=True)
+    backbone = build_backbone(cfg)
+    if point is not None:
+        check_backbone(point.backbone, backbone.name)
+    router = build_router(cfg, backbone.num_layers, backbone.head_dim)
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if point is not None and 0 < max_steps <= point.step:
+        router.load_state_dict(point.router_state)
+        summary = {"steps": point.step, "tasks": point.tasks, "final_metrics": {}}
+        export_router(router, out_dir / "router", backbone.name, pattern.describe(), summary)
+        return {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": {},
+                "global_step": point.step, "steps_this_run": 0, "exported": True, "resumed_from": point.step,
+                "note": f"{point.path} is already at step {point.step} >= trainer.max_steps={max_steps}: nothing "
+                        "left to train (raise trainer.max_steps to continue); exported its router"}
+    data = build(cfg.data, tokenizer=backbone.tokenizer)
+    check_target_tasks(target, data.task_names)
+    if point is not None:
+        check_tasks(point.tasks, data.task_names, where=f"resume={point.path}")
+    check_prompt_lengths(data, pattern, backbone.max_positions)
+    obj = cfg.objective
     flux_model = FluxModel(backbone, pattern=pattern, fa_backend=cfg.attention.fa_backend,
                            sa_backend=cfg.attention.sa_backend)
     module = FluxLitModule(flux_model, router, tasks=data.task_names, target=target,
@@ -88,16 +185,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            tau_fraction=float(cfg.router.tau_fraction),
                            gradient_checkpointing=bool(cfg.gradient_checkpointing), task_types=data.task_types)
     trainer = build_trainer(cfg, out_dir, pattern.describe())
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-    return {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": metrics,
-            "global_step": trainer.global_step}
+    log_config(trainer.loggers, cfg)
+    failed = True
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(point.path) if point is not None else None)
+        failed = trainer.interrupted
+    finally:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        close_loggers(trainer.loggers, metrics, failed, trainer.is_global_zero)
+    start = point.step if point is not None else 0
+    export = next(c for c in trainer.callbacks if isinstance(c, ExportRouterCallback))
+    result = {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": metrics,
+              "global_step": trainer.global_step, "steps_this_run": trainer.global_step - start,
+              "exported": export.exported, "resumed_from": point.step if point is not None else None}
+    if trainer.interrupted:
+        last = out_dir / "checkpoints" / "last.ckpt"
+        result["note"] = (f"training was interrupted at step {trainer.global_step}; no router exported"
+                          + (f" (continue with resume={last})" if last.is_file() else ""))
+    return result
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """What the run did, truthfully: the note of a run that did not train, or the export and its steps."""
+    if "note" in result:
+        return result["note"] + (f" to {result['router_dir']}" if result["exported"] else "")
+    resumed = result["resumed_from"]
+    steps = f"{result['global_step']} steps ({result['steps_this_run']} in this run"
+    steps += f", resumed from step {resumed})" if resumed else ")"
+    if not result["exported"]:  # a DDP rank other than 0: rank 0 writes the router
+        return f"training ended after {steps}; this process exported no router (rank 0 does)"
+    return f"router exported to {result['router_dir']} after {steps}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    result = run(cfg)
-    print(f"router exported to {result['router_dir']} after {result['global_step']} steps")
+@report_user_errors
+def hydra_main(cfg: DictConfig) -> None:
+    print(summary_line(run(cfg)))
+
+
+def main() -> None:
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

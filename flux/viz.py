@@ -28,6 +28,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from flux.errors import FluxUserError, UserFileNotFoundError
 from flux.jsonl import iter_json_objects
 
 __all__ = [
@@ -56,11 +57,11 @@ __all__ = [
 ]
 
 
-class VizInputError(ValueError):
+class VizInputError(FluxUserError):
     """An input file or record that cannot be plotted; the message names it and says how to fix it."""
 
 
-class VizFileNotFoundError(FileNotFoundError):
+class VizFileNotFoundError(UserFileNotFoundError):
     """An expected output file is missing; the message says which command writes it."""
 
 

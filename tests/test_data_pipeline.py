@@ -209,7 +209,8 @@ def test_synthetic_datamodule_batches(tokenizer):
     assert generation["ids"] == val["ids"] and generation["labels"].eq(IGNORE_INDEX).all()
     assert all(answers for answers in generation["answers"])
 
-    with pytest.raises(ValueError, match=r"tokens > max_tokens=150; lower length_tokens or raise max_tokens"):
+    too_long = r"> data\.max_tokens=150; lower data\.length_tokens or raise data\.max_tokens"
+    with pytest.raises(ValueError, match=too_long):
         FluxDataModule(tokenizer, tasks=["niah_single"], n_train=1, n_val=1, length_tokens=200, max_tokens=150).setup(
             "fit"
         )

@@ -158,4 +158,5 @@ def test_make_record_scores_and_files_a_generation(tmp_path):
     task = JsonlTask(str(path))
     (sample,) = task.samples()
     record = make_record(task, sample, "It is oslo.", [False, True], prompt_tokens=12, gates=[0.9, 0.2])
-    assert record == SampleRecord("x", "jsonl/qa", "retrieval", 0, 1.0, [False, True], 12, [0.9, 0.2])
+    assert record == SampleRecord("x", "jsonl/qa", "retrieval", 0, 1.0, [False, True], 12, [0.9, 0.2],
+                                  prediction="It is oslo.", answers=("Oslo",))

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from flux.attention.patterns import PatternError
 from flux.data.prompting import build_prompt, collate_left_padded
+from flux.errors import ConfigError, FluxUserError
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
 from flux.lit import RouterCheckpointError, export_router
 from flux.model import FluxModel
@@ -96,8 +97,9 @@ def test_multirun_over_patterns_records_each_pattern(tmp_path):
         results = json.loads((sweep / job / "results.json").read_text())
         recorded[results["sparse"]["pattern"]] = results["sparse"]
         assert results["summary"]["sparsity"] == pytest.approx(1.0)
-    assert recorded == {"streaming": {"pattern": "streaming", "sink": 64, "window": 256},
-                        "triangle": {"pattern": "triangle", "sink": 64, "window": 256, "last_q": 64},
+    # evaluation runs each pattern's own defaults (the one documented default; conf/sparse/*.yaml leave them null)
+    assert recorded == {"streaming": {"pattern": "streaming", "sink": 128, "window": 2048},
+                        "triangle": {"pattern": "triangle", "sink": 128, "window": 2048, "last_q": 64},
                         "xattn": {"pattern": "xattn", "block_size": 128, "stride": 8, "threshold": 0.9,
                                   "density": None}}
 
@@ -125,3 +127,201 @@ def test_batched_padded_generation_equals_batch_of_one(smollm2):
             alone = fm.generate(torch.tensor([list(p.input_ids)]), plan=plan, max_new_tokens=10)
             n = alone.sequences.shape[1]
             assert torch.equal(together.sequences[i, :n], alone.sequences[0]), (plan, i)
+
+
+# -- nothing lost: incremental routing.jsonl and resume ------------------------------------------------------------
+
+RESUMABLE = ["routing.mode=random", "routing.sparsity=0.34", "eval.task.n=3", "eval.batch_size=2"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in ("routing.jsonl", "results.json", "eval_config.json")}
+
+
+class Interrupt(RuntimeError):
+    """Raised from inside the model call to stop an evaluation part-way, as a crash would."""
+
+
+def _interrupt_after(monkeypatch, method: str, calls: int) -> None:
+    """Let `calls` calls of FluxModel.<method> through, then raise Interrupt (the real method runs before that)."""
+    real = getattr(FluxModel, method)
+    seen = {"n": 0}
+
+    def wrapped(self, *args, **kwargs):
+        if seen["n"] == calls:
+            raise Interrupt("stopped on purpose")
+        seen["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxModel, method, wrapped)
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_files(tmp_path, capsys):
+    evaluate(_cfg(tmp_path / "whole", *RESUMABLE))
+    whole = _files(tmp_path / "whole")
+    lines = whole["routing.jsonl"].decode().splitlines()
+    assert len(lines) == 6
+    first = json.loads(lines[0])
+    assert {"prediction", "answers"} <= set(first) and first["answers"] and isinstance(first["prediction"], str)
+
+    part = tmp_path / "part"
+    with pytest.MonkeyPatch.context() as mp:
+        _interrupt_after(mp, "generate", 2)  # 2 of the 3 batches finish
+        with pytest.raises(Interrupt):
+            evaluate(_cfg(part, *RESUMABLE))
+    written = (part / "routing.jsonl").read_bytes()
+    assert written == b"".join(line.encode() + b"\n" for line in lines[:4])  # the finished samples are on disk
+    assert not (part / "results.json").exists()
+    with (part / "routing.jsonl").open("ab") as f:  # and a kill in the middle of the next write tears a line
+        f.write(lines[4].encode()[:25])
+    capsys.readouterr()
+    evaluate(_cfg(part, *RESUMABLE))
+    err = capsys.readouterr().err
+    assert "dropped a partly written last line" in err and "resuming: 4 of 6 samples" in err
+    assert _files(part) == whole
+
+    again = evaluate(_cfg(part, *RESUMABLE))  # a finished folder: results rebuilt from routing.jsonl, no new lines
+    assert _files(part) == whole and again == json.loads(whole["results.json"])
+
+
+def test_an_interrupted_perplexity_run_resumes_to_the_same_files(tmp_path):
+    text = tmp_path / "wiki.txt"
+    text.write_text("The archive keeps old maps, letters and ledgers of the harbour town. " * 8)
+    ppl = ["eval=ppl", f"eval.task.path={text}", "eval.task.window=64", "routing.mode=random"]
+    evaluate(_cfg(tmp_path / "whole", *ppl, task=[]))
+    whole = _files(tmp_path / "whole")
+    with pytest.MonkeyPatch.context() as mp:
+        _interrupt_after(mp, "forward", 3)
+        with pytest.raises(Interrupt):
+            evaluate(_cfg(tmp_path / "part", *ppl, task=[]))
+    assert len((tmp_path / "part" / "routing.jsonl").read_text().splitlines()) == 3
+    evaluate(_cfg(tmp_path / "part", *ppl, task=[]))
+    assert _files(tmp_path / "part") == whole and len(whole["routing.jsonl"].splitlines()) > 3
+
+
+def test_a_folder_holding_another_evaluation_is_refused(tmp_path):
+    from flux.evals.progress import EvalResumeError
+
+    evaluate(_cfg(tmp_path, "routing.mode=dense"))
+    before = _files(tmp_path)
+    with pytest.raises(EvalResumeError, match=r"holds an evaluation with another config \(config.routing.mode: "
+                                              r"'dense' there, 'sparse' now\); use another output_dir, or delete"):
+        evaluate(_cfg(tmp_path, "routing.mode=sparse"))
+    assert _files(tmp_path) == before  # nothing was mixed in
+
+    router = LayerRouter(3, 16, kind="per_layer")
+    pattern = {"pattern": "streaming", "sink": 4, "window": 32}
+    export_router(router, tmp_path / "router", "tiny_random-llama", pattern)
+    routed = ["routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"]
+    evaluate(_cfg(tmp_path / "routed", *routed))
+    torch.nn.init.normal_(router.mlps[0][0].weight)  # retrained in place: same path, other weights
+    export_router(router, tmp_path / "router", "tiny_random-llama", pattern)
+    with pytest.raises(EvalResumeError, match="router_sha256"):
+        evaluate(_cfg(tmp_path / "routed", *routed))
+
+
+def test_unwritable_output_fails_before_any_model_work(tmp_path, monkeypatch):
+    import flux.evaluate
+
+    def no_model(**_):
+        raise AssertionError("the backbone loaded before the output path was checked")
+
+    monkeypatch.setattr(flux.evaluate, "load_backbone", no_model)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"output_dir=.*a_file/out is not a writable folder \(.*\); set output_dir"):
+        evaluate(_cfg(blocker / "out"))
+    with pytest.raises(ConfigError, match=r"output=.*a_file is not a writable folder"):
+        evaluate(_cfg(tmp_path / "ok", f"output={blocker / 'results.json'}"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["routing.mode=static"], r"routing.mode=static needs routing.sa_layers=\[...\]"),
+    (["routing.mode=static", "routing.sa_layers=[-1]"], r"routing.sa_layers has entries \[-1\]"),
+    (["eval.batch_size=0"], r"eval.batch_size=0 must be a positive integer"),
+    (["routing.mode=random", "routing.sparsity=2"], r"routing.sparsity=2 must lie in \[0, 1\]"),
+    (["device=gpu"], r"device='gpu' is not a device; use cpu, cuda or cuda:N"),
+    (["backbone.source=foo"], r"unknown backbone 'foo': not a preset"),
+    (["backbone.source=''"], r"backbone.source='' is empty"),
+    (["attention.sa_backend=triton"], r"attention.sa_backend=triton runs Triton kernels, which need a CUDA device"),
+])
+def test_settings_are_checked_before_the_model_loads(tmp_path, monkeypatch, overrides, message):
+    import flux.evaluate
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(flux.evaluate, "load_backbone", lambda **_: pytest.fail("the backbone loaded"))
+    with pytest.raises(FluxUserError, match=message):
+        evaluate(_cfg(tmp_path, *overrides))
+    assert not (tmp_path / "routing.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path):
+    with pytest.raises(ConfigError, match=r"device='cuda' but no CUDA device is visible; use device=cpu"):
+        evaluate(_cfg(tmp_path, "device=cuda"))
+
+
+def test_hub_ids_fail_at_once_when_the_hub_is_off(tmp_path, monkeypatch):
+    import time
+
+    from flux.backbone import BackboneError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(BackboneError, match=r"'nobody/no-such-model' is not in the local model cache and the model "
+                                            r"hub is switched off \(HF_HUB_OFFLINE\)"):
+        evaluate(_cfg(tmp_path, "backbone.source=nobody/no-such-model"))
+    assert time.monotonic() - start < 5  # no hub retries
+
+
+# -- one sparse default; a router runs its own pattern -------------------------------------------------------------
+
+def test_one_documented_sparse_default(tmp_path):
+    from flux.attention.patterns import StreamingPattern
+    from flux.passkey import build_pattern as passkey_pattern
+    from flux.train import build_pattern
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("evaluate", [f"output_dir={tmp_path}"])
+    assert build_pattern(cfg) == StreamingPattern() == passkey_pattern(None, None)
+    assert StreamingPattern().describe() == {"pattern": "streaming", "sink": 128, "window": 2048}  # the paper's
+    assert passkey_pattern(None, 512) == StreamingPattern(sink=128, window=512)
+
+
+def test_a_router_runs_its_own_pattern_unless_sparse_is_set(tmp_path, capsys):
+    from hydra.core.hydra_config import HydraConfig
+
+    from flux.evaluate import explicit_sparse_overrides
+
+    router = LayerRouter(3, 16, kind="per_layer", init_fa_bias=-6.0)
+    own = {"pattern": "streaming", "sink": 2, "window": 8}
+    export_router(router, tmp_path / "router", "tiny_random-llama", own)
+    routed = ["routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"]
+    assert evaluate(_cfg(tmp_path / "own", *routed), sparse_overrides=[])["sparse"] == own
+    assert "notice" not in capsys.readouterr().err
+    explicit = ["sparse.sink=4", "sparse.window=32"]  # also in TINY, so _cfg's config has them
+    results = evaluate(_cfg(tmp_path / "explicit", *routed), sparse_overrides=explicit)
+    assert results["sparse"] == {"pattern": "streaming", "sink": 4, "window": 32}
+    notice = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("notice:")]
+    assert notice == [("notice: running sparse attention {'pattern': 'streaming', 'sink': 4, 'window': 32} from the "
+                       "command line (sparse.sink=4 sparse.window=32) instead of the router's own "
+                       "{'pattern': 'streaming', 'sink': 2, 'window': 8}")]
+
+    # on a Hydra command line, the overrides the user typed are what counts as explicit
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        hydra_cfg = compose("evaluate", ["sparse.window=64", "eval.task.n=2", "routing.mode=router",
+                                         "output_dir=unused"], return_hydra_config=True)
+    HydraConfig.instance().set_config(hydra_cfg)
+    try:
+        assert explicit_sparse_overrides() == ["sparse.window=64"]
+    finally:
+        HydraConfig.instance().cfg = None
+    assert explicit_sparse_overrides() == []
+
+
+def test_a_window_covering_every_prompt_warns(tmp_path):
+    from flux.errors import FluxWarning
+
+    with pytest.warns(FluxWarning, match=r"evaluation: the sparse pattern's sink 4 \+ window 4096 covers every "
+                                         r"prompt .* saves no KV memory"):
+        evaluate(_cfg(tmp_path, "routing.mode=sparse", "sparse.window=4096"))

@@ -27,3 +27,16 @@ def test_passkey_dense_finds_it_sparse_does_not(smollm2):
     assert "68213" not in decode(sparse.sequences[0])
     assert sparse.kv_bytes < 0.15 * sparse.kv_bytes_dense
     assert dense.kv_bytes == dense.kv_bytes_dense
+
+
+def test_passkey_prompt_refuses_settings_it_cannot_honour(tokenizer):
+    import pytest
+
+    from flux.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"filler_tokens=-5 is less than one filler passage \(\d+ tokens\)"):
+        passkey_prompt(tokenizer, filler_tokens=-5)
+    with pytest.raises(ConfigError, match=r"filler_tokens=3 is less than one filler passage"):
+        passkey_prompt(tokenizer, filler_tokens=3)
+    with pytest.raises(ConfigError, match=r"depth=1.5 must lie in \[0, 1\]"):
+        passkey_prompt(tokenizer, depth=1.5)

@@ -24,8 +24,9 @@ from omegaconf import OmegaConf
 
 import flux.train
 from flux.attention.patterns import PatternError
-from flux.backbone import SMOLLM2_NAME, dequantised_gguf_dir, load_backbone, smollm2_gguf_path
+from flux.backbone import SMOLLM2_NAME, BackboneError, dequantised_gguf_dir, load_backbone, smollm2_gguf_path
 from flux.data.module import FluxDataModule
+from flux.errors import ConfigError, FluxUserError
 from flux.lit import BACKBONE_PREFIX, AtomicCheckpointIO, load_router
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
@@ -212,17 +213,31 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     (["sparse.name=nope"], PatternError,
      r"unknown sparse pattern 'nope'; registered patterns: streaming, triangle, xattn"),
+    (["trainer.max_steps=0"], ConfigError,
+     r"trainer.max_steps=0 must be a positive number of training steps; a run of 0 steps trains nothing"),
+    (["checkpoint_every=0"], ConfigError, r"checkpoint_every=0 must be a positive number of training steps; or null"),
+    (["attention.sa_backend=triton"], ConfigError,
+     r"attention.sa_backend=triton runs Triton kernels, which need a CUDA device"),
+    (["data.length_tokens=200", "data.max_tokens=150"], ValueError,
+     r"> data\.max_tokens=150; lower data\.length_tokens or raise data\.max_tokens"),
+    (["backbone.source=null"], BackboneError, r"backbone.source=None is empty; give a preset"),
+    (["data.length_tokens=2100", "data.max_tokens=3000", "data.tasks=[fwe]"], ConfigError,
+     r"the longest training prompt has \d+ tokens but the backbone has 2048 positions; set data.max_tokens=2048"),
+    (["trainer.precision=33"], ConfigError, r"lightning.Trainer: Precision 33 is invalid.*; fix this setting"),
     (["objective.target=-0.3"], ObjectiveError, r"end=-0\.3 must lie in \[0, 1\]"),
     (["router.tau_start=0"], RouterConfigError, r"tau must be > 0, got 0\.0"),
     (["router.tau_end=-1"], RouterConfigError, r"tau_end=-1\.0"),
     (["data=jsonl", "data.train_files=[/nonexistent/train.jsonl]"], FileNotFoundError,
      r"data file '/nonexistent/train\.jsonl' does not exist"),
 ])
-def test_bad_settings_fail_before_training_with_a_clear_message(tiny_dir, tmp_path, overrides, error, message):
+def test_bad_settings_fail_before_training_with_a_clear_message(tiny_dir, tmp_path, overrides, error, message,
+                                                               monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the Triton check must see a CPU without the interpreter
     synthetic = "data=jsonl" not in overrides  # the small synthetic settings do not exist in the jsonl data config
     cfg = compose_train(tiny_overrides(tiny_dir, tmp_path, synthetic) + overrides)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         flux.train.run(cfg)
+    assert isinstance(raised.value, FluxUserError)  # so the CLI prints it as one line
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -423,18 +438,108 @@ def test_smollm2_run_logs_and_exports(smollm2_run):
         assert torch.equal(logits[0][1][i], logits[1][1][i])
 
 
+def wandb_records(run_file: Path) -> list:
+    """The records of an offline W&B run file (`run-<id>.wandb`): a LevelDB-style log of 32 KiB blocks, each record
+    cut into chunks with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), after a 7-byte
+    file header. Each record is a wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, out = run_file.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def wandb_run_summary(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(run facts, config, summary) of one offline W&B run folder, read from its run file."""
+    import json
+
+    (run_file,) = run_dir.glob("run-*.wandb")
+    facts, config, summary = {}, {}, {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            facts = {"id": record.run.run_id, "group": record.run.run_group, "name": record.run.display_name}
+            items = record.run.config.update
+        elif kind in ("config", "summary"):
+            items = getattr(record, kind).update
+        else:
+            continue
+        target = summary if kind == "summary" else config
+        for item in items:
+            key = item.key or "/".join(item.nested_key)
+            target[key] = json.loads(item.value_json)
+    return facts, config, summary
+
+
 @pytest.mark.slow
-def test_multirun_sweep_trains_one_router_per_job(tiny_dir, tmp_path):
+def test_multirun_sweep_trains_one_router_per_job_each_in_its_own_wandb_run(tiny_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "flux.train", "-m", *tiny_overrides(tiny_dir, None), "trainer.max_steps=1",
+    overrides = [o for o in tiny_overrides(tiny_dir, None) if o != "logger=csv"]
+    cmd = [sys.executable, "-m", "flux.train", "-m", *overrides, "logger=wandb", "trainer.max_steps=1",
            "trainer.limit_val_batches=0", "objective.target=0.3,0.5", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "will reuse" not in proc.stdout + proc.stderr
+    run_ids = set()
     for job, target in (("0", 0.3), ("1", 0.5)):
         overrides = OmegaConf.load(sweep_dir / job / ".hydra" / "overrides.yaml")
         assert f"objective.target={target}" in overrides
         _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
         assert meta["training"]["steps"] == 1
+        (run_dir,) = (sweep_dir / job / "wandb").glob("offline-run-*")  # each job has its own run
+        facts, config, summary = wandb_run_summary(run_dir)
+        run_ids.add(facts["id"])
+        assert facts["group"] == "sweep"  # grouped by the sweep folder's name
+        assert f"objective.target={target}" in facts["name"] and str(tiny_dir) not in facts["name"]
+        assert config["objective"]["target"] == target and config["trainer"]["max_steps"] == 1  # the resolved config
+        assert config["output_dir"] == str(sweep_dir / job)
+        assert summary["train/target"] == 0.0  # its one step is step 0 of the ramp, which starts at target_start=0
+        assert "train/loss" in summary and "train/sparsity_hard" in summary  # final metrics in the summary
+    assert len(run_ids) == 2
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_dir, tmp_path):
+    """kill -9 in the middle of a run leaves whole checkpoints (atomic writes), and resume= continues from the last."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "flux.train", *tiny_overrides(tiny_dir, None), "trainer.max_steps=500",
+           "checkpoint_every=1", "trainer.limit_val_batches=0", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "step000003.ckpt").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = load_ckpt(last)["global_step"]
+    assert 3 <= step < 500 and not (run_dir / "router").exists()
+    result = flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path / "resumed") + [
+        f"trainer.max_steps={step + 2}", "checkpoint_every=1", "trainer.limit_val_batches=0", f"resume={last}"]))
+    assert (result["global_step"], result["steps_this_run"], result["resumed_from"]) == (step + 2, 2, step)
+    resumed = load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert adam_steps(resumed) == {float(step + 2)}
+    assert load_router(result["router_dir"], num_layers=TINY_LAYERS)[1]["training"]["steps"] == step + 2
 
 
 @pytest.mark.slow
@@ -475,3 +580,135 @@ def test_ddp_with_two_cpu_processes_trains_and_exports(tiny_dir, tmp_path):
     assert not any(k.startswith(BACKBONE_PREFIX) for k in ckpt["state_dict"])
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][f"router.{k}"])
+
+
+# -- resume checks before fit -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def per_task_run(tiny_dir, tmp_path_factory):
+    """Two steps with very different per-task targets, so each task's Lagrange multipliers differ."""
+    out = tmp_path_factory.mktemp("per_task")
+    flux.train.run(compose_train(tiny_overrides(tiny_dir, out) + [
+        "trainer.max_steps=2", "checkpoint_every=1", "trainer.limit_val_batches=0",
+        "+objective.per_task.niah_single=0.1", "+objective.per_task.fwe=0.9"]))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_resume_with_reordered_tasks_keeps_each_tasks_multipliers(per_task_run, tiny_dir, tmp_path):
+    saved = load_ckpt(per_task_run)
+    assert saved["flux"]["tasks"] == TASKS
+    by_name = {name: {k: float(saved["state_dict"][f"constraint.{k}"][i]) for k in ("lambda1", "lambda2")}
+               for i, name in enumerate(TASKS)}
+    assert by_name["niah_single"] != by_name["fwe"]  # otherwise a swap would go unnoticed
+    reordered = list(reversed(TASKS))
+    overrides = [o for o in tiny_overrides(tiny_dir, tmp_path) if not o.startswith("data.tasks=")]
+    # lambda_lr=0 freezes the multipliers (a resumed run uses its own learning rates, not the saved ones), so the
+    # resumed run's checkpoint shows exactly what it loaded
+    result = flux.train.run(compose_train(overrides + [
+        f"data.tasks=[{','.join(reordered)}]", "trainer.max_steps=3", "checkpoint_every=1",
+        "trainer.limit_val_batches=0", "objective.lambda_lr=0", "+objective.per_task.niah_single=0.1",
+        "+objective.per_task.fwe=0.9", f"resume={per_task_run}"]))
+    assert (result["global_step"], result["steps_this_run"], result["resumed_from"]) == (3, 1, 2)
+    resumed = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert resumed["flux"]["tasks"] == reordered
+    for i, name in enumerate(reordered):
+        for k in ("lambda1", "lambda2"):
+            assert float(resumed["state_dict"][f"constraint.{k}"][i]) == pytest.approx(by_name[name][k], abs=0)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.tasks=[niah_single,fwe,cwe]"],
+     (r"trained on tasks \['niah_single', 'fwe'\] but this run has \['niah_single', 'fwe', 'cwe'\] \(missing \[\], "
+      r"new \['cwe'\]\)")),
+    (["router.hidden=[64]"], r"another router config \(hidden: \[128\] in the checkpoint, \[64\] now\)"),
+    (["router.pool_size=4"], r"another router config \(pool_size: 16 in the checkpoint, 4 now\)"),
+    (["sparse.window=32"], r"another sparse pattern \(window: 16 in the checkpoint, 32 now\)"),
+])
+def test_resume_refuses_another_task_set_router_or_pattern(resumed, tiny_dir, tmp_path, overrides, message):
+    from flux.resume import ResumeError
+
+    last = Path(resumed[0]["output_dir"]) / "checkpoints" / "last.ckpt"
+    cfg = compose_train(tiny_overrides(tiny_dir, tmp_path) + ["trainer.max_steps=3", f"resume={last}"] + overrides)
+    with pytest.raises(ResumeError, match=message):
+        flux.train.run(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unreadable_resume_checkpoints_name_the_file(resumed, tmp_path):
+    from flux.resume import ResumeError, read_checkpoint
+
+    good = (Path(resumed[0]["output_dir"]) / "checkpoints" / "last.ckpt").read_bytes()
+    cases = {"empty.ckpt": b"", "truncated.ckpt": good[: len(good) // 2], "garbage.ckpt": b"not a checkpoint " * 9}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(good)
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    expected = {
+        "empty.ckpt": r"empty\.ckpt is empty \(0 bytes\); resume from another checkpoint",
+        "truncated.ckpt": r"truncated\.ckpt is not a readable checkpoint \(truncated or corrupt",
+        "garbage.ckpt": r"garbage\.ckpt is not a readable checkpoint \(truncated or corrupt",
+        "plain.ckpt": r"plain\.ckpt is not a flux training checkpoint",
+        "missing.ckpt": r"missing\.ckpt does not exist.*checkpoints in .*: empty\.ckpt, garbage\.ckpt",
+        "run": r"run is a folder, not a checkpoint file; give the file, e\.g\. resume=.*run/checkpoints/last\.ckpt",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ResumeError, match=message):
+            read_checkpoint(tmp_path / name)
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt").step == 2
+
+
+def test_resume_at_max_steps_exports_the_checkpoints_router_and_says_so(resumed, tiny_dir, tmp_path):
+    last = Path(resumed[0]["output_dir"]) / "checkpoints" / "last.ckpt"
+    result = flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path) + ["trainer.max_steps=2",
+                                                                                f"resume={last}"]))
+    assert (result["global_step"], result["steps_this_run"], result["exported"]) == (2, 0, True)
+    line = flux.train.summary_line(result)
+    assert "already at step 2 >= trainer.max_steps=2: nothing left to train" in line
+    assert line.endswith(f"exported its router to {tmp_path / 'router'}")
+    loaded, meta = load_router(tmp_path / "router", backbone_name=str(tiny_dir), num_layers=TINY_LAYERS)
+    assert meta["training"]["steps"] == 2 and meta["sparse"] == {"pattern": "streaming", "sink": 4, "window": 16}
+    for k, v in router_state(load_ckpt(last)).items():
+        assert torch.equal(loaded.state_dict()[k], v.float())
+    assert not (tmp_path / "checkpoints").exists()  # nothing was trained
+
+
+def test_summary_line_counts_the_steps_of_this_run(resumed):
+    first, second = resumed
+    assert flux.train.summary_line(first) == f"router exported to {first['router_dir']} after 2 steps (2 in this run)"
+    assert flux.train.summary_line(second) == (f"router exported to {second['router_dir']} after 3 steps "
+                                               "(1 in this run, resumed from step 2)")
+
+
+def test_checkpoint_every_null_trains_without_checkpoints(tiny_dir, tmp_path):
+    result = flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path) + [
+        "trainer.max_steps=1", "checkpoint_every=null", "trainer.limit_val_batches=0"]))
+    assert result["exported"] and not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "router" / "router.json").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_accelerator_without_cuda_fails_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(flux.train, "build_backbone", lambda cfg: pytest.fail("the backbone loaded"))
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu but no CUDA device is visible; use "
+                                          r"trainer.accelerator=cpu"):
+        flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path) + ["trainer.accelerator=gpu"]))
+
+
+def test_per_task_typo_lists_the_valid_task_names(tiny_dir, tmp_path):
+    cfg = compose_train(tiny_overrides(tiny_dir, tmp_path) + ["+objective.per_task.nah_single=0.3"])
+    with pytest.raises(ObjectiveError, match=r"objective.per_task names task\(s\) \['nah_single'\] that the data "
+                                             r"does not have; valid task names: niah_single, fwe"):
+        flux.train.run(cfg)
+
+
+def test_short_runs_and_wide_windows_warn(tiny_dir, tmp_path):
+    from flux.errors import FluxWarning
+
+    cfg = compose_train(tiny_overrides(tiny_dir, tmp_path) + ["trainer.max_steps=1", "trainer.limit_val_batches=0",
+                                                              "sparse.window=4096"])
+    with pytest.warns(FluxWarning) as caught:
+        flux.train.run(cfg)
+    messages = [str(w.message) for w in caught if issubclass(w.category, FluxWarning)]
+    assert any("trainer.max_steps=1 < objective.ramp_steps=10: the sparsity target stops at 0" in m for m in messages)
+    assert any("sink 4 + window 4096 covers every prompt" in m and "saves no KV memory" in m for m in messages)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from flux.attention.masks import position_mask
+from flux.errors import FluxUserError
 
 if TYPE_CHECKING:  # patterns import this module; the type is only needed for annotations
     from flux.attention.patterns import SparsePattern
@@ -26,7 +27,7 @@ SA_BACKENDS = ("auto", "reference", "masked_sdpa", "flex", "triton")
 FLEX_MIN_TOKENS = 16384
 
 
-class BackendError(ValueError):
+class BackendError(FluxUserError):
     """An attention backend was asked for that does not exist or cannot run here."""
 
 

@@ -22,6 +22,7 @@ import re
 from typing import TYPE_CHECKING, Literal
 
 from flux.data.tokens import encode_batch
+from flux.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -103,7 +104,7 @@ class Haystack:
 
     def __init__(self, kind: str, tokenizer: PreTrainedTokenizerBase) -> None:
         if kind not in HAYSTACK_KINDS:
-            raise ValueError(f"unknown haystack {kind!r}; choose one of {list(HAYSTACK_KINDS)}")
+            raise ConfigError(f"unknown haystack {kind!r}; choose one of {list(HAYSTACK_KINDS)}")
         self.kind = kind
         self.tokenizer = tokenizer
         self.sentences: tuple[str, ...] = NOISE_SENTENCES if kind == "noise" else text_sentences()
@@ -121,7 +122,7 @@ class Haystack:
         times in a row at most), so the shortfall is usually a handful of tokens rather than one long sentence.
         """
         if budget_tokens < 0:
-            raise ValueError(f"haystack budget must be >= 0 tokens, got {budget_tokens}")
+            raise ConfigError(f"haystack budget must be >= 0 tokens, got {budget_tokens}")
         n = len(self.sentences)
         chosen: list[str] = []
         remaining = budget_tokens

@@ -30,9 +30,10 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
 from flux.data.haystack import HAYSTACK_KINDS
-from flux.data.prompting import Prompt, PromptInput, build_prompts, collate_left_padded
+from flux.data.prompting import Prompt, PromptInput, PromptTooLongError, build_prompts, collate_left_padded
 from flux.data.sft import SFTRecord, read_sft_records, record_input
 from flux.data.synthetic import TASK_TYPES, TASKS, Example, check_lengths, make_mixture, resolve_task_options
+from flux.errors import ConfigError, UserFileNotFoundError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -108,16 +109,16 @@ class FluxDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         if source not in SOURCES:
-            raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+            raise ConfigError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or 1)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         if max_tokens is not None and max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive or null, got {max_tokens}")
+            raise ConfigError(f"max_tokens must be positive or null, got {max_tokens}")
         if default_task_type not in TASK_TYPES:
-            raise ValueError(f"default_task_type {default_task_type!r} is not one of {list(TASK_TYPES)}")
+            raise ConfigError(f"default_task_type {default_task_type!r} is not one of {list(TASK_TYPES)}")
         self.tokenizer = tokenizer
         self.source = source
         self.uses_synthetic = source in ("synthetic", "mixture")
@@ -151,39 +152,39 @@ class FluxDataModule(L.LightningDataModule):
         resolve_task_options(self.tasks, self.task_options)
         check_lengths(self.length_tokens)
         if self.n_train < 1 or self.n_val < 1:
-            raise ValueError(f"n_train and n_val must be >= 1 for synthetic data, got {self.n_train}, {self.n_val}")
+            raise ConfigError(f"n_train and n_val must be >= 1 for synthetic data, got {self.n_train}, {self.n_val}")
         if self.train_seed == self.val_seed:
-            raise ValueError(f"train_seed and val_seed are both {self.train_seed}; the splits would be identical")
+            raise ConfigError(f"train_seed and val_seed are both {self.train_seed}; the splits would be identical")
         if self.haystack not in HAYSTACK_KINDS:
-            raise ValueError(f"unknown haystack {self.haystack!r}; choose one of {list(HAYSTACK_KINDS)}")
+            raise ConfigError(f"unknown haystack {self.haystack!r}; choose one of {list(HAYSTACK_KINDS)}")
 
     def _check_files(self) -> None:
         if not self.train_files:
-            raise ValueError(f"source={self.source!r} needs train_files (JSONL or Parquet SFT files)")
+            raise ConfigError(f"source={self.source!r} needs train_files (JSONL or Parquet SFT files)")
         for path in self.train_files + self.val_files:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"data file {path!r} does not exist; fix data.train_files / data.val_files")
+                raise UserFileNotFoundError(f"data file {path!r} does not exist; fix data.train_files / data.val_files")
         if not self.val_files and self.n_val < 1:
-            raise ValueError("without val_files, n_val records are held out for validation; set n_val >= 1")
+            raise ConfigError("without val_files, n_val records are held out for validation; set n_val >= 1")
 
     def _check_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
         if self.source != "mixture":
             if weights:
-                raise ValueError(f"weights only apply to source='mixture', not {self.source!r}; remove them")
+                raise ConfigError(f"weights only apply to source='mixture', not {self.source!r}; remove them")
             return {}
         resolved = {part: 1.0 for part in MIXTURE_PARTS} | dict(weights or {})
         unknown = sorted(set(resolved) - set(MIXTURE_PARTS))
         if unknown:
-            raise ValueError(f"unknown mixture weight key(s) {unknown}; use {list(MIXTURE_PARTS)}")
+            raise ConfigError(f"unknown mixture weight key(s) {unknown}; use {list(MIXTURE_PARTS)}")
         if any(w <= 0 for w in resolved.values()):
-            raise ValueError(f"mixture weights must be positive, got {resolved}")
+            raise ConfigError(f"mixture weights must be positive, got {resolved}")
         return resolved
 
     @staticmethod
     def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+            raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
         return int(pad)
 
     def _records(self) -> tuple[list[SFTRecord], list[SFTRecord]]:
@@ -194,7 +195,7 @@ class FluxDataModule(L.LightningDataModule):
                 val = read_sft_records(self.val_files, self.default_task_type)
             else:
                 if self.n_val >= len(train):
-                    raise ValueError(
+                    raise ConfigError(
                         f"n_val={self.n_val} held-out records leave none of the {len(train)} training records; "
                         "lower n_val or give val_files"
                     )
@@ -215,7 +216,7 @@ class FluxDataModule(L.LightningDataModule):
             for record in sorted(train + val, key=lambda r: r.task):
                 known = types.setdefault(record.task, record.task_type)
                 if known != record.task_type:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{record.where}: task {record.task!r} has task_type {record.task_type!r}, but it is "
                         f"{known!r} elsewhere (synthetic tasks keep their registered type); rename the task"
                     )
@@ -236,14 +237,17 @@ class FluxDataModule(L.LightningDataModule):
         prompts = build_prompts(self.tokenizer, [example_input(e, system=self.system) for e in examples])
         for prompt in prompts:
             if self.max_tokens is not None and len(prompt) > self.max_tokens:
-                raise ValueError(
-                    f"synthetic example {prompt.id} has {len(prompt)} tokens > max_tokens={self.max_tokens}; "
-                    "lower length_tokens or raise max_tokens (synthetic needles must not be truncated away)"
+                raise ConfigError(
+                    f"synthetic example {prompt.id} has {len(prompt)} tokens > data.max_tokens={self.max_tokens}; "
+                    "lower data.length_tokens or raise data.max_tokens (synthetic needles must not be truncated away)"
                 )
         return PromptDataset(prompts)
 
     def _files(self, records: list[SFTRecord]) -> PromptDataset:
-        return PromptDataset(build_prompts(self.tokenizer, [record_input(r) for r in records], self.max_tokens))
+        try:
+            return PromptDataset(build_prompts(self.tokenizer, [record_input(r) for r in records], self.max_tokens))
+        except PromptTooLongError as err:  # the prompt builder names its argument; the user sets data.max_tokens
+            raise PromptTooLongError(str(err).replace("max_tokens", "data.max_tokens")) from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

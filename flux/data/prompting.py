@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flux.data.tokens import encode_batch
+from flux.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,7 +41,7 @@ IGNORE_INDEX = -100  # label value ignored by the loss, as in HF / torch cross-e
 _MARKERS = {name: f"\ue000flux-{name}\ue001" for name in ("context", "question", "answer")}
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(ConfigError):
     """Even with the whole context removed the prompt exceeds ``max_tokens``."""
 
 
@@ -153,7 +154,7 @@ def _template_pieces(
             continue
         if rendered.count(_MARKERS[name]) != 1:
             owner = getattr(tokenizer, "name_or_path", "this tokenizer")
-            raise ValueError(
+            raise ConfigError(
                 f"the chat template of {owner!r} does not copy the {name} text verbatim, so its tokens cannot be "
                 "located; use a tokenizer whose template renders message contents unchanged, or pass chat=False"
             )
@@ -190,12 +191,12 @@ class PromptInput:
 
     def parts(self) -> dict[str, str]:
         if self.answer is not None and not self.answer:
-            raise ValueError(
+            raise ConfigError(
                 f"{self._where()}answer is an empty string; pass None for a generation prompt or a non-empty answer"
             )
         parts = {name: text for name, text in (("context", self.context), ("question", self.question)) if text}
         if not parts:
-            raise ValueError(f"{self._where()}context and question are both empty; a prompt needs one of them")
+            raise ConfigError(f"{self._where()}context and question are both empty; a prompt needs one of them")
         if self.answer is not None:
             parts["answer"] = self.answer
         return parts
@@ -236,7 +237,7 @@ def build_prompts(
 ) -> list[Prompt]:
     """:func:`build_prompt` for many inputs, tokenised in batches (a fast tokenizer spreads a batch over cores)."""
     if max_tokens is not None and max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
+        raise ConfigError(f"max_tokens must be positive or None, got {max_tokens}")
     plain = not chat or getattr(tokenizer, "chat_template", None) is None
     encode = _encode_with_offsets if getattr(tokenizer, "is_fast", False) else _encode_pieces
     prompts: list[Prompt] = []

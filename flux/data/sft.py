@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from flux.data.prompting import Prompt, PromptInput, build_prompts
 from flux.data.synthetic import TASK_TYPES
+from flux.errors import ConfigError, FluxUserError, UserFileNotFoundError
 from flux.jsonl import iter_json_objects
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ QUESTION_TAIL_CHARS = 256
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(FluxUserError):
     """A record or file that does not follow the documented SFT format; the message names file and line."""
 
 
@@ -76,7 +77,7 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(location, record)`` pairs; location is ``file:line`` (JSONL) or ``file:row N`` (Parquet), 1-based."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist; check the data path in the config")
+        raise UserFileNotFoundError(f"SFT data file {str(path)!r} does not exist; check the data path in the config")
     suffix = _suffix(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -198,10 +199,10 @@ def parse_record(record: dict[str, Any], where: str, default_task_type: str = "h
 def read_sft_records(paths: str | Path | Sequence[str | Path], default_task_type: str = "holistic") -> list[SFTRecord]:
     """All records of the given files, validated; a task's ``task_type`` must agree across records."""
     if default_task_type not in TASK_TYPES:
-        raise ValueError(f"default_task_type {default_task_type!r} is not one of {list(TASK_TYPES)}")
+        raise ConfigError(f"default_task_type {default_task_type!r} is not one of {list(TASK_TYPES)}")
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     if not paths:
-        raise ValueError("no SFT data files given; set the data file paths in the config")
+        raise ConfigError("no SFT data files given; set the data file paths in the config")
     records: list[SFTRecord] = []
     types: dict[str, tuple[str, str]] = {}
     for path in paths:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from flux.data.haystack import Haystack, english_words
 from flux.data.tokens import count_tokens
+from flux.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -106,7 +107,7 @@ class _Builder:
     def context_budget(self, question: str) -> int:
         budget = self.length - self.count(question) - self.separator_tokens
         if budget <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"length_tokens={self.length} leaves no room for a context next to the question; raise length_tokens"
             )
         return budget
@@ -121,7 +122,7 @@ class _Builder:
         """
         budget = self.context_budget(question) - sum(self.count(" " + text) for _, text in inserts)
         if budget < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"length_tokens={self.length} is too short for this task's {len(inserts)} inserted sentences; "
                 "raise length_tokens"
             )
@@ -148,7 +149,7 @@ class _Builder:
             text = build(n)
             tokens = self.count(text)
         if tokens > budget * 1.1:
-            raise ValueError(f"length_tokens={self.length} is too short for this task; raise length_tokens")
+            raise ConfigError(f"length_tokens={self.length} is too short for this task; raise length_tokens")
         return n, text
 
 
@@ -296,7 +297,7 @@ def _fwe(b: _Builder, rng: random.Random, vocab_size: int, alpha: float, top_k: 
         if len(ranked) > top_k and ranked[top_k - 1][1] > ranked[top_k][1]:
             answers = [w for w, _ in ranked[:top_k]]
             return _Draft(context, question, answers, {"counts": dict(ranked[:top_k]), "num_words": n})
-    raise ValueError(f"length_tokens={b.length} is too short to separate the top {top_k} words; raise length_tokens")
+    raise ConfigError(f"length_tokens={b.length} is too short to separate the top {top_k} words; raise length_tokens")
 
 
 def _cwe(b: _Builder, rng: random.Random, num_common: int, uncommon_freq: int, common_share: float) -> _Draft:
@@ -410,9 +411,13 @@ TASKS: dict[str, TaskSpec] = {
 }  # fmt: skip
 
 
+class UnknownTaskError(ConfigError, KeyError):
+    """A synthetic task name that is not registered (still a KeyError for callers that look names up)."""
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise KeyError(f"unknown synthetic task {name!r}; known tasks: {sorted(TASKS)}")
+        raise UnknownTaskError(f"unknown synthetic task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name]
 
 
@@ -423,23 +428,23 @@ def _example_seed(seed: int, task: str, length: int, index: int) -> int:
 
 def _check_common(n: int, length_tokens: int, depth: float | None) -> None:
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     if length_tokens < MIN_LENGTH_TOKENS:
-        raise ValueError(f"length_tokens must be >= {MIN_LENGTH_TOKENS}, got {length_tokens}")
+        raise ConfigError(f"length_tokens must be >= {MIN_LENGTH_TOKENS}, got {length_tokens}")
     if depth is not None and not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1] or None (random per example), got {depth}")
+        raise ConfigError(f"depth must be in [0, 1] or None (random per example), got {depth}")
 
 
 def _resolve_options(spec: TaskSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for task {spec.name!r}; its options are {dict(spec.defaults)}")
+        raise ConfigError(f"unknown option(s) {unknown} for task {spec.name!r}; its options are {dict(spec.defaults)}")
     resolved = {**spec.defaults, **options}
     for name, value in resolved.items():  # every option is a count, a digit count, an exponent or a share
         kind = type(spec.defaults[name])
         numeric = int if kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, numeric) or value <= 0:
-            raise ValueError(f"option {name}={value!r} of task {spec.name!r} must be a positive {kind.__name__}")
+            raise ConfigError(f"option {name}={value!r} of task {spec.name!r} must be a positive {kind.__name__}")
     return resolved
 
 
@@ -495,7 +500,7 @@ def check_lengths(length_tokens: int | Sequence[int]) -> list[int]:
     """``length_tokens`` as a non-empty list of valid lengths."""
     lengths = [length_tokens] if isinstance(length_tokens, int) else list(length_tokens)
     if not lengths:
-        raise ValueError("length_tokens is empty; give one length or a list of lengths")
+        raise ConfigError("length_tokens is empty; give one length or a list of lengths")
     for length in lengths:
         _check_common(0, length, None)
     return lengths
@@ -506,14 +511,14 @@ def resolve_task_options(
 ) -> dict[str, dict[str, Any]]:
     """Every task's options (defaults overridden by ``options[task]``), validating names before any generation."""
     if not tasks:
-        raise ValueError(f"tasks is empty; name at least one of {sorted(TASKS)}")
+        raise ConfigError(f"tasks is empty; name at least one of {sorted(TASKS)}")
     if len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks lists a task more than once: {list(tasks)}")
+        raise ConfigError(f"tasks lists a task more than once: {list(tasks)}")
     specs = [get_task(t) for t in tasks]
     options = dict(options or {})
     stray = sorted(set(options) - set(tasks))
     if stray:
-        raise ValueError(f"options given for task(s) {stray} that are not in tasks={list(tasks)}")
+        raise ConfigError(f"options given for task(s) {stray} that are not in tasks={list(tasks)}")
     return {spec.name: _resolve_options(spec, options.get(spec.name, {})) for spec in specs}
 
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flux.errors import FluxUserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-class EngineError(ValueError):
+class EngineError(FluxUserError):
     """The model, the plan or the inputs cannot run on flux's inference engine; the message says what to change."""
 
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from flux.errors import ConfigError, FluxUserError
+
 CONTEXT_SLOT = "{context}"
 QUESTION_SLOT = "{question}"
 DEFAULT_TEMPLATE = CONTEXT_SLOT + "\n\n" + QUESTION_SLOT
@@ -20,7 +22,7 @@ DEFAULT_TEMPLATE = CONTEXT_SLOT + "\n\n" + QUESTION_SLOT
 TASK_TYPES: tuple[str, ...] = ("retrieval", "holistic")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(FluxUserError):
     """A data file or record the user pointed at cannot be used (bad JSON, missing field, wrong type)."""
 
 
@@ -61,10 +63,11 @@ class EvalSample:
 
     def __post_init__(self) -> None:
         if self.template.count(CONTEXT_SLOT) != 1:
-            raise ValueError(f"sample {self.id!r}: template must contain {CONTEXT_SLOT} exactly once: {self.template!r}")
+            raise EvalDataError(f"sample {self.id!r}: template must contain {CONTEXT_SLOT} exactly once: "
+                                f"{self.template!r}")
         q_at = self.template.find(QUESTION_SLOT)
         if self.template.count(QUESTION_SLOT) > 1 or (0 <= q_at < self.template.find(CONTEXT_SLOT)):
-            raise ValueError(
+            raise EvalDataError(
                 f"sample {self.id!r}: template may contain {QUESTION_SLOT} at most once, after {CONTEXT_SLOT}: "
                 f"{self.template!r}"
             )
@@ -122,7 +125,7 @@ class EvalTask(ABC):
 def check_override(max_new_tokens: int | None) -> int | None:
     """Validate a user override of the generation budget (None keeps the per-task official values)."""
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise ValueError(f"max_new_tokens must be a positive integer or null, got {max_new_tokens!r}")
+        raise ConfigError(f"max_new_tokens must be a positive integer or null, got {max_new_tokens!r}")
     return max_new_tokens
 
 
@@ -132,5 +135,5 @@ def as_str_list(value: Sequence[str] | str, what: str) -> list[str]:
         return [value]
     items = list(value)
     if not items or not all(isinstance(v, str) and v for v in items):
-        raise ValueError(f"{what} must be a non-empty list of names, got {value!r}")
+        raise ConfigError(f"{what} must be a non-empty list of names, got {value!r}")
     return items

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from flux.errors import UserFileNotFoundError
 from flux.evals.base import EvalDataError
 from flux.jsonl import iter_json_objects
 
@@ -18,7 +19,8 @@ def existing_file(path: str | Path, what: str) -> Path:
     """Resolve a user-given file path; `what` names the config key so the message says what to change."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"{what}: file not found: {p} (give the path of a local file; nothing is downloaded)")
+        raise UserFileNotFoundError(f"{what}: file not found: {p}; give the path of a local file (nothing is "
+                                    "downloaded)")
     if not p.is_file():
         raise EvalDataError(f"{what}: {p} is not a regular file (give the path of a .jsonl/.txt file)")
     return p

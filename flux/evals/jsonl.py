@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flux.errors import ConfigError
 from flux.evals.base import TASK_TYPES, EvalDataError, EvalSample, EvalTask, check_override
 from flux.evals.io import field_str, field_str_list, optional_id, read_jsonl
 from flux.evals.metrics import string_match_part
@@ -50,7 +51,7 @@ class JsonlTask(EvalTask):
 
     def __init__(self, path: str, max_new_tokens: int | None = None, task_type: str = "retrieval") -> None:
         if task_type not in TASK_TYPES:
-            raise ValueError(f"jsonl task_type must be one of {TASK_TYPES}, got {task_type!r}")
+            raise ConfigError(f"jsonl task_type must be one of {TASK_TYPES}, got {task_type!r}")
         self.budget = check_override(max_new_tokens) or DEFAULT_MAX_NEW_TOKENS
         self._samples = load_jsonl_samples(path, task_type)
 

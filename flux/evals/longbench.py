@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flux.errors import ConfigError, UserFileNotFoundError
 from flux.evals import metrics
 from flux.evals.base import EvalDataError, EvalSample, EvalTask, as_str_list, check_override
 from flux.evals.io import field_str, field_str_list, optional_id, read_jsonl
@@ -82,13 +83,13 @@ def load_longbench(path: str | Path, datasets: Sequence[str] | None, variant: st
     wanted = official if datasets is None else as_str_list(datasets, f"{variant} datasets")
     unknown = [d for d in wanted if d not in official]
     if unknown:
-        raise ValueError(f"unknown {variant} dataset(s) {unknown}; choose from {official}")
+        raise ConfigError(f"unknown {variant} dataset(s) {unknown}; choose from {official}")
     root = Path(path).expanduser()
     if root.is_dir():
         suffix = "_e.jsonl" if variant == "longbench_e" else ".jsonl"
         missing = [d + suffix for d in wanted if not (root / (d + suffix)).is_file()]
         if missing:
-            raise FileNotFoundError(f"{variant}: {root} lacks {missing}; put the official files there or pass "
+            raise UserFileNotFoundError(f"{variant}: {root} lacks {missing}; put the official files there or pass "
                                     f"eval.task.datasets=[...] with the datasets you have")
         return [parse_record(rec, loc, d) for d in tqdm(wanted, desc=f"{variant}: loading", unit="dataset")
                 for loc, rec in read_jsonl(root / (d + suffix), "eval.task.path")]
@@ -106,7 +107,7 @@ class LongBenchTask(EvalTask):
     def __init__(self, path: str, datasets: Sequence[str] | None = None, max_new_tokens: int | None = None,
                  variant: str = "longbench") -> None:
         if variant not in ("longbench", "longbench_e"):
-            raise ValueError(f"LongBench variant must be 'longbench' or 'longbench_e', got {variant!r}")
+            raise ConfigError(f"LongBench variant must be 'longbench' or 'longbench_e', got {variant!r}")
         self.family = variant
         self.override = check_override(max_new_tokens)
         self._samples = load_longbench(path, datasets, variant)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flux.errors import ConfigError
 from flux.evals.base import EvalDataError, EvalSample, EvalTask, check_override
 from flux.evals.io import field_str, optional_id, read_jsonl
 from flux.evals.math_metrics import gsm8k_reference, math_score
@@ -50,7 +51,7 @@ def _reference(rec: dict[str, Any], fmt: str, loc: str) -> str:
 def load_math(path: str | Path, fmt: str = "auto") -> tuple[str, list[EvalSample]]:
     """(format, samples) of a math JSONL file."""
     if fmt != "auto" and fmt not in MATH_FORMATS:
-        raise ValueError(f"math format must be 'auto' or one of {list(MATH_FORMATS)}, got {fmt!r}")
+        raise ConfigError(f"math format must be 'auto' or one of {list(MATH_FORMATS)}, got {fmt!r}")
     samples: list[EvalSample] = []
     for i, (loc, rec) in enumerate(read_jsonl(path, "eval.task.path")):
         if fmt == "auto":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flux.errors import ConfigError
 from flux.evals.base import EvalDataError
 from flux.evals.io import existing_file, field_str, read_jsonl, read_text
 from flux.evals.results import SampleRecord
@@ -63,10 +64,10 @@ class PerplexityTask:
 
     def __init__(self, path: str, window: int = 2048, stride: int | None = None, label: str | None = None) -> None:
         if not isinstance(window, int) or window < 2:
-            raise ValueError(f"ppl window must be an integer >= 2 tokens, got {window!r}")
+            raise ConfigError(f"ppl window must be an integer >= 2 tokens, got {window!r}")
         stride = window if stride is None else stride
         if not isinstance(stride, int) or not 1 <= stride <= window:
-            raise ValueError(f"ppl stride must be an integer in [1, window={window}], got {stride!r}")
+            raise ConfigError(f"ppl stride must be an integer in [1, window={window}], got {stride!r}")
         self.path, self.window, self.stride = Path(path), window, stride
         self.label = label or self.path.stem
         self.text = load_text(path)

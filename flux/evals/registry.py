@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flux.errors import ConfigError
 from flux.evals.base import EvalTask
 from flux.evals.jsonl import JsonlTask
 from flux.evals.longbench import LongBenchTask
@@ -15,7 +16,7 @@ from flux.evals.ppl import PerplexityTask
 from flux.evals.ruler import RulerTask
 
 
-class UnknownEvalTaskError(KeyError):
+class UnknownEvalTaskError(ConfigError, KeyError):
     """An eval task name that is not registered."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
@@ -55,8 +56,8 @@ def get_eval_task(name: str, **cfg: Any) -> EvalTask | PerplexityTask:
     params = inspect.signature(factory).parameters
     unknown = sorted(set(cfg) - set(params))
     if unknown:
-        raise ValueError(f"eval task {name!r} got unknown option(s) {unknown}; its options are {list(params)}")
+        raise ConfigError(f"eval task {name!r} got unknown option(s) {unknown}; its options are {list(params)}")
     missing = [p for p, spec in params.items() if spec.default is inspect.Parameter.empty and p not in cfg]
     if missing:
-        raise ValueError(f"eval task {name!r} needs option(s) {missing} (e.g. eval.task.{missing[0]}=...)")
+        raise ConfigError(f"eval task {name!r} needs option(s) {missing} (e.g. eval.task.{missing[0]}=...)")
     return factory(**cfg)

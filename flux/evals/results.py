@@ -10,7 +10,9 @@ A row averages the samples of one (task, length) cell: `score` in [0, 1], `spars
 routed to sparse attention (Omega_MSR). `summary` is the n-weighted mean of the rows, i.e. the mean over all
 samples. routing.jsonl has one line per sample: `{"id", "task", "task_type", "length", "decisions", "gates",
 "score"}` with `decisions` one 0/1 per layer (1 = SA), `gates` the router's per-layer FA weights or null, and
-`length` the number of prompt tokens the model saw.
+`length` the number of prompt tokens the model saw; generation tasks add `prediction` (the decoded output) and
+`answers` (the references it was scored against). flux.evaluate appends the lines as samples finish and rebuilds
+results.json from them, so the file is also what a resumed evaluation continues from.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flux.errors import FluxUserError
 from flux.evals.base import TASK_TYPES, EvalSample, EvalTask
 from flux.evals.io import existing_file, read_jsonl, read_text
 
@@ -32,10 +35,11 @@ TOP_KEYS = ("backbone", "routing", "sparse", "results", "summary")
 ROW_KEYS = ("task", "length", "n", "score", "sparsity")
 SUMMARY_KEYS = ("score", "sparsity")
 ROUTING_KEYS = ("id", "task", "task_type", "length", "decisions", "gates", "score")
+ROUTING_OPTIONAL_KEYS = ("prediction", "answers")
 SUMMARY_TOL = 1e-6
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(FluxUserError):
     """A results.json / routing.jsonl (or in-memory records) that does not have the documented shape."""
 
 
@@ -51,6 +55,8 @@ class SampleRecord:
     decisions: Sequence[bool]
     prompt_tokens: int
     gates: Sequence[float] | None = None
+    prediction: str | None = None
+    answers: Sequence[str] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -63,7 +69,7 @@ def make_record(task: EvalTask, sample: EvalSample, prediction: str, decisions: 
     label, length = task.row_key(sample)
     return SampleRecord(id=sample.id, task=label, task_type=sample.meta["task_type"], length=length,
                         score=task.score(prediction, sample), decisions=decisions, prompt_tokens=prompt_tokens,
-                        gates=gates)
+                        gates=gates, prediction=prediction, answers=tuple(sample.answers))
 
 
 def _is_number(value: Any) -> bool:
@@ -128,10 +134,10 @@ def build_results(backbone: str, routing: str, sparse: Mapping[str, Any],
     return validate_results(results, "results")
 
 
-def _exact_keys(obj: Any, keys: Sequence[str], where: str) -> None:
+def _exact_keys(obj: Any, keys: Sequence[str], where: str, optional: Sequence[str] = ()) -> None:
     if not isinstance(obj, Mapping):
         raise ResultsFormatError(f"{where}: expected an object with keys {list(keys)}, got {type(obj).__name__}")
-    missing, extra = [k for k in keys if k not in obj], sorted(set(obj) - set(keys))
+    missing, extra = [k for k in keys if k not in obj], sorted(set(obj) - set(keys) - set(optional))
     if missing or extra:
         raise ResultsFormatError(f"{where}: keys must be exactly {list(keys)}; missing {missing}, unexpected {extra}")
 
@@ -199,10 +205,24 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 
 def routing_line(rec: SampleRecord) -> dict[str, Any]:
-    """One routing.jsonl record (decisions as 0/1, length = prompt tokens)."""
-    return {"id": rec.id, "task": rec.task, "task_type": rec.task_type, "length": rec.prompt_tokens,
+    """One routing.jsonl record (decisions as 0/1, length = prompt tokens, plus prediction and answers if known)."""
+    line = {"id": rec.id, "task": rec.task, "task_type": rec.task_type, "length": rec.prompt_tokens,
             "decisions": [int(bool(d)) for d in rec.decisions],
             "gates": None if rec.gates is None else [float(g) for g in rec.gates], "score": float(rec.score)}
+    if rec.prediction is not None:
+        line["prediction"] = rec.prediction
+        line["answers"] = list(rec.answers or ())
+    return line
+
+
+def record_from_line(line: Mapping[str, Any], length: int) -> SampleRecord:
+    """The SampleRecord of a routing.jsonl line; `length` is its results row's length (the line keeps the prompt's
+    token count, the row key comes from the task)."""
+    answers = line.get("answers")
+    return SampleRecord(id=line["id"], task=line["task"], task_type=line["task_type"], length=length,
+                        score=float(line["score"]), decisions=[bool(d) for d in line["decisions"]],
+                        prompt_tokens=int(line["length"]), gates=line["gates"], prediction=line.get("prediction"),
+                        answers=None if answers is None else tuple(answers))
 
 
 def write_routing(path: str | Path, records: Iterable[SampleRecord]) -> Path:
@@ -217,7 +237,12 @@ def write_routing(path: str | Path, records: Iterable[SampleRecord]) -> Path:
 
 
 def _check_routing_line(rec: Mapping[str, Any], loc: str) -> None:
-    _exact_keys(rec, ROUTING_KEYS, loc)
+    _exact_keys(rec, ROUTING_KEYS, loc, optional=ROUTING_OPTIONAL_KEYS)
+    if "prediction" in rec and not isinstance(rec["prediction"], str):
+        raise ResultsFormatError(f"{loc}: prediction must be a string, got {type(rec['prediction']).__name__}")
+    answers = rec.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ResultsFormatError(f"{loc}: answers must be a list of strings")
     if not isinstance(rec["id"], str) or not isinstance(rec["task"], str) or not rec["task"]:
         raise ResultsFormatError(f"{loc}: id and task must be strings")
     if rec["task_type"] not in TASK_TYPES:

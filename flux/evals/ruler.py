@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flux.errors import ConfigError
 from flux.evals.base import EvalSample, EvalTask, as_str_list, check_override
 from flux.evals.metrics import string_match_all
 
@@ -57,24 +58,24 @@ class RulerTask(EvalTask):
         self.tasks = as_str_list(tasks, "ruler tasks")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown ruler task(s) {unknown}; known: {sorted(TASKS)}")
+            raise ConfigError(f"unknown ruler task(s) {unknown}; known: {sorted(TASKS)}")
         self.lengths = list(lengths)
         if not self.lengths or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in self.lengths):
-            raise ValueError(f"ruler lengths must be a non-empty list of positive token counts, got {lengths!r}")
+            raise ConfigError(f"ruler lengths must be a non-empty list of positive token counts, got {lengths!r}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"ruler n (samples per task and length) must be a positive integer, got {n!r}")
+            raise ConfigError(f"ruler n (samples per task and length) must be a positive integer, got {n!r}")
         if haystack not in HAYSTACK_KINDS:
-            raise ValueError(f"ruler haystack must be one of {HAYSTACK_KINDS}, got {haystack!r}")
+            raise ConfigError(f"ruler haystack must be one of {HAYSTACK_KINDS}, got {haystack!r}")
         self.n, self.seed, self.haystack = n, seed, haystack
         self.override = check_override(max_new_tokens)
         unbudgeted = [t for t in self.tasks if t not in RULER_MAX_NEW_TOKENS]
         if self.override is None and unbudgeted:
-            raise ValueError(f"no default generation budget for ruler task(s) {unbudgeted}; "
+            raise ConfigError(f"no default generation budget for ruler task(s) {unbudgeted}; "
                              "set max_new_tokens=N in the eval config")
         # The template's tokens are only known with the tokenizer (see samples); the budget is known now.
         too_short = [(t, L) for t in self.tasks for L in self.lengths if L - self._budget(t) < MIN_LENGTH_TOKENS]
         if too_short:
-            raise ValueError(f"ruler (task, length) cells {too_short} leave fewer than {MIN_LENGTH_TOKENS} tokens "
+            raise ConfigError(f"ruler (task, length) cells {too_short} leave fewer than {MIN_LENGTH_TOKENS} tokens "
                              "for the prompt after the generation budget; use longer lengths")
 
     def samples(self, tokenizer: Any = None, prompt_overhead: int | None = None) -> list[EvalSample]:
@@ -93,7 +94,7 @@ class RulerTask(EvalTask):
         for task, length in tqdm(cells, desc="ruler: generating", unit="cell"):
             message_tokens = length - self._budget(task) - overhead - int(LENGTH_MARGIN * length)
             if message_tokens < MIN_LENGTH_TOKENS:
-                raise ValueError(f"ruler length {length} leaves {message_tokens} tokens for {task!r} after its "
+                raise ConfigError(f"ruler length {length} leaves {message_tokens} tokens for {task!r} after its "
                                  f"{self._budget(task)} generated tokens, {overhead} template tokens and the 1% "
                                  "margin; use longer lengths")
             for ex in make_examples(task, self.n, message_tokens, tokenizer, self.seed, haystack):

@@ -27,6 +27,7 @@ import torch
 
 from flux.attention import backends
 from flux.attention.masks import position_mask
+from flux.errors import FluxUserError
 
 # (lo, hi) -> bool [B, 1 or H, hi - lo, Tk]: the rule for query rows lo..hi-1 (None: every key, i.e. no rule)
 RowRule = Callable[[int, int], torch.Tensor]
@@ -35,7 +36,7 @@ PREFILL_BACKENDS = ("auto", "triton", "torch")
 TORCH_CHUNK_ELEMENTS = 1 << 25
 
 
-class PatternError(ValueError):
+class PatternError(FluxUserError):
     """A sparse pattern was asked for with an unknown name or invalid parameters."""
 
 
