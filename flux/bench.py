@@ -307,10 +307,10 @@ def _kernel_decode_row(cfg: dict[str, Any], device: torch.device, b: int, t: int
     row["triton_ring_ms"] = try_time(lambda: decode_attention(q1, ring_k, ring_v), 0, 0, graph=True)
     for name in ("flash", "auto"):
         row[f"sdpa_{name}_full_ms"] = try_time(lambda name=name: _sdpa_decode(q1, kc, vc, name), 0, 0, graph=True)
-    if t == max(cfg["lengths"]):
-        for bn, per_sm in cfg["kernels"]["decode_configs"]:
-            plan = plan_decode(b, hkv, t, device, dtype, block_n=bn, programs_per_sm=per_sm)
-            row[f"triton_full_bn{bn}_p{per_sm}_ms"] = try_time(
+    if t in cfg["kernels"]["decode_sweep_lengths"]:
+        for bn, per_sm, min_blocks in cfg["kernels"]["decode_configs"]:
+            plan = plan_decode(b, hkv, t, device, dtype, block_n=bn, programs_per_sm=per_sm, min_blocks=min_blocks)
+            row[f"triton_full_bn{bn}_p{per_sm}_m{min_blocks}_ms"] = try_time(
                 lambda plan=plan: decode_attention(q1, kc, vc, None, end, plan=plan), 0, 0, graph=True)
     kv_bytes = 2 * kc.numel() * kc.element_size()
     if isinstance(row["triton_full_ms"], float):

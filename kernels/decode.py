@@ -185,15 +185,17 @@ class DecodePlan:
 
 
 def plan_decode(batch: int, kv_heads: int, capacity: int, device: torch.device, dtype: torch.dtype,
-                chunk: int | None = None, block_n: int | None = None, programs_per_sm: int = 8) -> DecodePlan:
+                chunk: int | None = None, block_n: int | None = None, programs_per_sm: int = 8,
+                min_blocks: int = 4) -> DecodePlan:
     """Pick chunk length so that batch * kv_heads * splits gives ~8 programs per SM (small enough waves that the
-    last one costs little; measured 5% slower at 4 per SM), with chunks of at least 2 key blocks."""
+    last one costs little; measured 5% slower at 4 per SM), with chunks of at least `min_blocks` key blocks (short
+    caches at batch 1 otherwise split into hundreds of two-block programs whose merge costs more than they save)."""
     on_gpu = device.type == "cuda"
     bn = block_n or (64 if on_gpu and dtype != torch.float32 else 32 if on_gpu else 16)
     if chunk is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
         want_splits = max(1, triton.cdiv(programs_per_sm * sms, batch * kv_heads))
-        chunk = max(2 * bn, triton.cdiv(triton.cdiv(capacity, want_splits), bn) * bn)
+        chunk = max(min_blocks * bn, triton.cdiv(triton.cdiv(capacity, want_splits), bn) * bn)
     elif chunk % bn != 0 or chunk <= 0:
         raise ValueError(f"decode_attention: chunk={chunk} must be a positive multiple of block_n={bn}")
     splits = max(1, triton.cdiv(capacity, chunk))
