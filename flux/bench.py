@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from flux.plan import spread_sa_layers
@@ -39,35 +40,32 @@ class BenchConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Hydra-style ``a.b=value`` overrides (values parsed as YAML) on a nested dict; unknown keys are errors."""
-    for item in overrides:
-        if "=" not in item:
-            raise BenchConfigError(f"override {item!r} is not key=value (e.g. lengths=[8192,32768])")
-        key, raw = item.split("=", 1)
-        node = cfg
-        parts = key.strip().lstrip("+").split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise BenchConfigError(f"override {key!r}: {part!r} is not a config section of conf/bench.yaml")
-            node = node[part]
-        if parts[-1] not in node:
-            raise BenchConfigError(f"override {key!r}: no key {parts[-1]!r}; known: {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return cfg
-
-
 def load_plain_config(overrides: Sequence[str], path: Path = CONF_DIR / "bench.yaml") -> dict[str, Any]:
+    """conf/bench.yaml with Hydra-style ``a.b=value`` overrides, parsed by OmegaConf's dot-list parser (values typed
+    as YAML) in struct mode: an override may only set a key the file has, and never replace a whole section."""
     if not path.is_file():
-        raise FileNotFoundError(f"bench config {path} not found; run from a flux checkout (conf/bench.yaml)")
-    with open(path) as fh:
-        cfg = yaml.safe_load(fh)
-    return validate_config(apply_overrides(cfg, overrides))
+        raise FileNotFoundError(f"bench config {path} not found; reinstall flux (it ships conf/bench.yaml)")
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, True)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key:
+            raise BenchConfigError(f"override {item!r} is not key=value (e.g. lengths=[8192,32768])")
+        if isinstance(OmegaConf.select(cfg, key, default=None), DictConfig):
+            raise BenchConfigError(f"override {item!r}: {key!r} is a config section; set one of its keys instead, "
+                                   f"e.g. {key}.{next(iter(OmegaConf.select(cfg, key)))}=...")
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as err:
+            reason = str(err.msg).splitlines()[0]
+            raise BenchConfigError(f"override {item!r}: conf/bench.yaml has no key {key!r} ({reason})") from None
+    return validate_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("lengths", "batch_sizes"):
-        if not cfg[key] or any(int(x) < 1 for x in cfg[key]):
+        values = cfg[key]
+        if not isinstance(values, list) or not values or any(not isinstance(x, int) or x < 1 for x in values):
             raise BenchConfigError(f"{key}={cfg[key]} must be a non-empty list of positive integers")
     if any(not 0.0 <= float(f) <= 1.0 for f in cfg["sa_fractions"]):
         raise BenchConfigError(f"sa_fractions={cfg['sa_fractions']} must lie in [0, 1]")

@@ -9,7 +9,8 @@ import lightning as L
 import matplotlib
 
 from flux import viz
-from flux.lit import FluxLitModule, export_router
+from flux.lit import FluxLitModule
+from flux.router import export_router
 
 
 class RoutingMapCallback(L.Callback):

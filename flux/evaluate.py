@@ -21,12 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from flux.backbone import Backbone, backbone_max_positions, load_backbone
-from flux.configs import build
+from flux.configs import build, build_pattern
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.evals import PerplexityTask, aggregate, build_results, make_record, write_results, write_routing
-from flux.lit import check_router_files, load_router
 from flux.model import FluxModel
-from flux.train import build_pattern
+from flux.router import check_router_files, load_router
 
 ROUTING_MODES = ("dense", "sparse", "router", "static", "first_dense", "random")
 

@@ -7,7 +7,6 @@ the last checkpoint and never leaves a truncated file.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
 from flux.model import FluxModel
@@ -27,7 +25,7 @@ from flux.objectives import (
     answer_lm_loss,
     sample_sparsity,
 )
-from flux.router import LayerRouter, RouterConfig, RouterPlan, cosine_tau, router_config_dict
+from flux.router import LayerRouter, RouterPlan, cosine_tau, router_config_dict
 
 BACKBONE_PREFIX = "flux_model."
 
@@ -193,54 +191,3 @@ class FluxLitModule(L.LightningModule):
         if saved.get("backbone") not in (None, self.flux_model.backbone.name):
             raise ValueError(f"checkpoint was trained on backbone {saved['backbone']!r}, not "
                              f"{self.flux_model.backbone.name!r}; resume with the same backbone")
-
-
-def export_router(router: LayerRouter, out_dir: str | Path, backbone: str, pattern: dict[str, Any],
-                  summary: dict[str, Any] | None = None) -> Path:
-    """Write router.safetensors + router.json (enough to rebuild and run the router without Lightning)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".router.", dir=out)
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, out / "router.safetensors")
-    meta = {"backbone": backbone, "num_layers": router.num_layers, "head_dim": router.head_dim,
-            "sparse": pattern, "router": router_config_dict(router), "training": summary or {}}
-    (out / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-class RouterCheckpointError(ValueError):
-    """A router checkpoint is missing, malformed, or made for another backbone."""
-
-
-def check_router_files(path: str | Path | None) -> tuple[Path, Path]:
-    """(weights, metadata) paths of an exported router (its folder or its router.safetensors), or a clear error."""
-    if not path:
-        raise RouterCheckpointError("a router is needed but no checkpoint was given; pass routing.checkpoint=PATH "
-                                    "(a folder with router.safetensors and router.json, as written by flux.train)")
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    weights, meta_path = folder / "router.safetensors", folder / "router.json"
-    if not weights.is_file() or not meta_path.is_file():
-        raise RouterCheckpointError(f"router checkpoint {str(path)!r} needs router.safetensors and router.json in "
-                                    f"{folder}; export one with flux.train (it writes both at the end)")
-    return weights, meta_path
-
-
-def load_router(path: str | Path, backbone_name: str | None = None, num_layers: int | None = None
-                ) -> tuple[LayerRouter, dict[str, Any]]:
-    """Load an exported router (folder or router.safetensors path); checks backbone and layer count when given."""
-    weights, meta_path = check_router_files(path)
-    meta = json.loads(meta_path.read_text())
-    if backbone_name is not None and meta.get("backbone") != backbone_name:
-        raise RouterCheckpointError(f"router {str(path)!r} was trained for backbone {meta.get('backbone')!r}, not "
-                                    f"{backbone_name!r}; use the matching backbone or retrain the router")
-    if num_layers is not None and meta.get("num_layers") != num_layers:
-        raise RouterCheckpointError(f"router {str(path)!r} routes {meta.get('num_layers')} layers but the backbone "
-                                    f"has {num_layers}; it belongs to another model")
-    cfg = {k: v for k, v in meta["router"].items() if k not in ("num_layers", "head_dim")}
-    router = LayerRouter(meta["num_layers"], meta["head_dim"], RouterConfig(**cfg))
-    router.load_state_dict(load_file(str(weights)))
-    return router.eval(), meta

@@ -16,10 +16,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flux.attention.patterns import get_pattern
-from flux.backbone import load_backbone
 from flux.callbacks import ExportRouterCallback, RoutingMapCallback
-from flux.configs import build
+from flux.configs import build, build_backbone, build_pattern
 from flux.lit import AtomicCheckpointIO, FluxLitModule
 from flux.model import FluxModel
 from flux.objectives import TargetSchedule
@@ -31,17 +29,6 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 ROUTER_KEYS = ("kind", "pool_size", "hidden", "init_fa_bias", "pooling", "read_layer", "threshold")
-
-
-def build_pattern(cfg: DictConfig):
-    params = {k: v for k, v in OmegaConf.to_container(cfg.sparse, resolve=True).items() if k != "name"}
-    return get_pattern(cfg.sparse.name, **params)
-
-
-def build_backbone(cfg: DictConfig):
-    params = OmegaConf.to_container(cfg.backbone, resolve=True)
-    params.pop("description", None)
-    return load_backbone(**params)
 
 
 def build_router(cfg: DictConfig, num_layers: int, head_dim: int) -> LayerRouter:

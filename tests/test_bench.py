@@ -21,10 +21,12 @@ def test_plain_config_and_overrides():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("lenghts=[1]", "no key 'lenghts'"),
-    ("decode.stepz=3", "no key 'stepz'"),
-    ("sink.x=3", "'sink' is not a config section"),
+    ("lenghts=[1]", r"override 'lenghts=\[1\]': conf/bench.yaml has no key 'lenghts'"),
+    ("decode.stepz=3", "has no key 'decode.stepz'"),
+    ("sink.x=3", "has no key 'sink.x'"),
+    ("decode=3", "'decode' is a config section; set one of its keys instead, e.g. decode.enabled=..."),
     ("lengths", "is not key=value"),
+    ("lengths=abc", "lengths=abc must be a non-empty list of positive integers"),
     ("sa_fractions=[1.5]", r"must lie in \[0, 1\]"),
 ])
 def test_bad_overrides(override, match):

@@ -11,9 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
-from flux.lit import RouterCheckpointError, export_router
 from flux.model import FluxModel
-from flux.router import LayerRouter
+from flux.router import LayerRouter, RouterCheckpointError, export_router
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = ["backbone=tiny_random", "backbone.tiny.num_layers=3", "sparse.sink=4", "sparse.window=32"]

@@ -89,7 +89,7 @@ def test_routing_maps_explains_bad_input(tmp_path: Path, monkeypatch: pytest.Mon
     notebook = _execute("routing_maps", tmp_path)
     text = _text(notebook)
     assert "records have 6 layers but num_layers=30 was expected" in text
-    assert "has no results (empty 'results' list)" in text
+    assert "'results' must be a non-empty list of rows" in text
     assert f"{bad / 'metrics.csv'} not found" in text
     assert text.count("Skipped ") == 5
     assert [_images(c) for c in _figure_cells(notebook)] == [0] * 5

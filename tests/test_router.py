@@ -10,16 +10,18 @@ import torch
 
 from flux.attention.patterns import StreamingPattern
 from flux.backbone import load_backbone
-from flux.lit import RouterCheckpointError, export_router, load_router
 from flux.model import FluxModel
 from flux.objectives import answer_lm_loss, sample_sparsity
 from flux.router import (
     LayerRouter,
+    RouterCheckpointError,
     RouterConfig,
     RouterConfigError,
     calibrate_threshold,
     cosine_tau,
+    export_router,
     gumbel_straight_through,
+    load_router,
 )
 
 # A window much shorter than the inputs, so SA and FA differ and the gates matter for the loss.

@@ -25,11 +25,12 @@ from omegaconf import OmegaConf
 import flux.train
 from flux.attention.patterns import PatternError
 from flux.backbone import SMOLLM2_NAME, dequantised_gguf_dir, load_backbone, smollm2_gguf_path
+from flux.configs import build_pattern
 from flux.data.module import FluxDataModule
-from flux.lit import BACKBONE_PREFIX, AtomicCheckpointIO, load_router
+from flux.lit import BACKBONE_PREFIX, AtomicCheckpointIO
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
-from flux.router import LayerRouter, RouterConfigError, cosine_tau
+from flux.router import LayerRouter, RouterConfigError, cosine_tau, load_router
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -159,7 +160,7 @@ def test_exported_router_reloads_and_decides_like_the_trained_one(resumed, tiny_
         assert torch.equal(v, trained_state[k])
 
     backbone = load_backbone(str(tiny_dir), dtype="float32")
-    model = FluxModel(backbone, pattern=flux.train.build_pattern(compose_train(tiny_overrides(tiny_dir, None))))
+    model = FluxModel(backbone, pattern=build_pattern(compose_train(tiny_overrides(tiny_dir, None))))
     data = FluxDataModule(backbone.tokenizer, tasks=TASKS, n_train=1, n_val=1, length_tokens=64, batch_size=2)
     data.setup()
     batch = next(iter(data.val_dataloader()))
@@ -264,7 +265,7 @@ def test_experiment_configs_compose_with_their_values(experiment, tmp_path):
         assert OmegaConf.select(cfg, key) == value, key
     assert max(cfg.data.length_tokens) < cfg.data.max_tokens  # room for the chat template around a prompt
     # the objects the entry point builds before touching weights come out of this config
-    assert flux.train.build_pattern(cfg).describe()["window"] == cfg.sparse.window
+    assert build_pattern(cfg).describe()["window"] == cfg.sparse.window
     router = flux.train.build_router(cfg, num_layers=4, head_dim=8)
     assert router.config.tau == cfg.router.tau_start
     assert TargetSchedule(end=cfg.objective.target, start=cfg.objective.target_start,
@@ -282,7 +283,7 @@ def test_sweep_overrides_expand_and_every_job_composes(tmp_path):
     for job in jobs:
         cfg = compose_train([*job, f"output_dir={tmp_path}"])
         seen.add((cfg.sparse.window, cfg.objective.target, cfg.router.tau_start))
-        assert flux.train.build_pattern(cfg).window == cfg.sparse.window
+        assert build_pattern(cfg).window == cfg.sparse.window
     assert seen == set(itertools.product([128, 256], [0.3, 0.5], [1.0, 1.5]))
 
 
@@ -375,7 +376,7 @@ def test_smollm2_run_logs_and_exports(smollm2_run):
 
     # the reloaded router decides exactly as the trained one on the same input
     backbone = captured["backbone"]
-    model = FluxModel(backbone, pattern=flux.train.build_pattern(compose_train(SMALL_DATA + ["output_dir=unused"])))
+    model = FluxModel(backbone, pattern=build_pattern(compose_train(SMALL_DATA + ["output_dir=unused"])))
     ids = backbone.tokenizer("The archive lists " + "old maps, letters and ledgers; " * 5,
                              return_tensors="pt")["input_ids"]
     logits = []

@@ -13,6 +13,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from flux import viz
+from flux.evals.results import summarize
 
 
 def _rec(sample_id: str, task: str, decisions: list[int], gates: list[float] | None = None,
@@ -21,11 +22,12 @@ def _rec(sample_id: str, task: str, decisions: list[int], gates: list[float] | N
             "gates": gates, "score": None}
 
 
-def _run(routing: str, sparsity: float, score: float, rows: list[dict] | None = None,
+def _run(routing: str, sparsity: float = 0.0, score: float = 0.0, rows: list[dict] | None = None,
          source: str | None = None) -> dict[str, Any]:
+    """One run in the results.json schema: a single row at (sparsity, score), or the given rows."""
     rows = rows or [{"task": "qa", "length": 100, "n": 1, "score": score, "sparsity": sparsity}]
     run = {"backbone": "test", "routing": routing, "sparse": {"pattern": "streaming", "sink": 4, "window": 8},
-           "results": rows, "summary": {"score": score, "sparsity": sparsity}}
+           "results": rows, "summary": summarize(rows)}
     return run | ({"source": source} if source else {})
 
 
@@ -109,8 +111,8 @@ def test_quality_vs_sparsity_tells_same_routing_runs_apart_and_plots_one_task() 
     rows = [{"task": "qa", "length": 1, "n": 1, "score": 1.0, "sparsity": 0.0},
             {"task": "qa", "length": 2, "n": 3, "score": 0.0, "sparsity": 1.0},
             {"task": "sum", "length": 1, "n": 1, "score": 0.5, "sparsity": 0.5}]
-    runs = [_run("router", 0.3, 0.9, rows, source="sweep/t03/results.json"),
-            _run("router", 0.5, 0.8, rows, source="sweep/t05/results.json")]
+    runs = [_run("router", rows=rows, source="sweep/t03/results.json"),
+            _run("router", rows=rows, source="sweep/t05/results.json")]
     fig = viz.quality_vs_sparsity(runs, task="qa")
     (ax,) = fig.axes
     assert sorted(t.get_text() for t in ax.texts) == ["router (t03)", "router (t05)"]
