@@ -57,4 +57,4 @@ class ExportRouterCallback(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         summary = {"steps": trainer.global_step, "tasks": pl_module.tasks, "final_metrics": metrics}
-        export_router(pl_module.router, self.out_dir, pl_module.flux_model.backbone.name, self.pattern, summary)
+        export_router(pl_module.router, self.out_dir, pl_module.flux_model.backbone, self.pattern, summary)

@@ -75,7 +75,7 @@ def build_router_model(cfg: DictConfig, backbone: Backbone) -> tuple[FluxModel, 
     routing = cfg.routing
     router = None
     if routing.mode == "router":
-        router, meta = load_router(routing.checkpoint, backbone.name, backbone.num_layers)
+        router, meta = load_router(routing.checkpoint, backbone)
         router.to(backbone.device)
     pattern = build_pattern(cfg)
     if router is not None and meta.get("sparse") and meta["sparse"] != pattern.describe():

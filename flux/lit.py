@@ -1,14 +1,13 @@
 """Lightning glue: FluxLitModule trains only the router (and the Lagrange multipliers) on a frozen backbone.
 
 Checkpoints hold the router, lambdas, optimiser states and step, never the backbone (it is rebuilt from its source at
-resume), and are written through `AtomicCheckpointIO` (temp file + rename), so a crash loses at most the steps since
-the last checkpoint and never leaves a truncated file.
+resume), and are written through `AtomicCheckpointIO` (flux.atomic: temp file, fsync, rename), so a crash loses at most
+the steps since the last checkpoint and never leaves a truncated file.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torchmetrics import MeanMetric
 
+from flux.atomic import atomic_open, remove_stale_temps
 from flux.model import FluxModel
 from flux.objectives import (
     SparsityConstraint,
@@ -31,21 +31,21 @@ BACKBONE_PREFIX = "flux_model."
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file in the target folder, fsync, then os.replace: all or nothing."""
+    """torch.save through flux.atomic: hidden temp file, fsync, rename, folder fsync, mode 0644, so a crash never
+    leaves a truncated checkpoint. At its first save into a folder it removes the temp files of checkpoints that a
+    killed run (SIGKILL, power loss) was writing there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if target.parent not in self._swept:
+            remove_stale_temps(target.parent, "*.ckpt")
+            self._swept.add(target.parent)
+        with atomic_open(target) as f:
+            torch.save(checkpoint, f)
 
 
 class FluxLitModule(L.LightningModule):

@@ -13,18 +13,21 @@ later layer's decision at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
-import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flux.atomic import write_files_atomically
+from flux.backbone import Backbone, architecture
 from flux.plan import LayerDecision, Plan
 
 POOLING = ("first_last", "mean")
@@ -265,25 +268,51 @@ def router_config_dict(router: LayerRouter) -> dict:
 
 
 # -- router files: router.safetensors + router.json ------------------------------------------------------------
+#
+# An exported router is a folder with two files: router.safetensors (the MLP weights, float32) and router.json (how to
+# rebuild the router, which backbone it reads, the sparse pattern it was trained with, and a training summary). That
+# is enough to run it without Lightning. router.json records the backbone's architecture and its fingerprint, checked
+# when the router is loaded onto a backbone, and the sha256 of router.safetensors, so a folder whose two files come
+# from different exports (an export killed between its two renames) is refused instead of silently mixed.
 
-def export_router(router: LayerRouter, out_dir: str | Path, backbone: str, pattern: dict[str, Any],
-                  summary: dict[str, Any] | None = None) -> Path:
-    """Write router.safetensors + router.json (enough to rebuild and run the router without Lightning)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".router.", dir=out)
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, out / "router.safetensors")
-    meta = {"backbone": backbone, "num_layers": router.num_layers, "head_dim": router.head_dim,
-            "sparse": pattern, "router": router_config_dict(router), "training": summary or {}}
-    (out / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+WEIGHTS_FILE = "router.safetensors"
+META_FILE = "router.json"
+META_REQUIRED = ("backbone", "num_layers", "head_dim", "router")
+REEXPORT = "export it again (flux.train writes both files at the end of training) or fetch it again"
 
 
 class RouterCheckpointError(ValueError):
-    """A router checkpoint is missing, malformed, or made for another backbone."""
+    """A router checkpoint is missing, unreadable, corrupt, or made for another backbone."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_router(router: LayerRouter, out_dir: str | Path, backbone: Backbone, pattern: dict[str, Any],
+                  summary: dict[str, Any] | None = None) -> Path:
+    """Write router.safetensors + router.json into `out_dir` as a pair, each all or nothing (flux.atomic), mode 0644;
+    temp files that an earlier, killed export left there are removed first."""
+    out = Path(out_dir)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
+    meta = {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint,
+            "backbone_architecture": architecture(backbone.config), "num_layers": router.num_layers,
+            "head_dim": router.head_dim, "sparse": pattern, "router": router_config_dict(router),
+            "training": summary or {}}
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        meta["weights_sha256"] = file_sha256(tmp)
+
+    def write_meta(tmp: Path) -> None:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    write_files_atomically({out / WEIGHTS_FILE: write_weights, out / META_FILE: write_meta})
+    return out
 
 
 def check_router_files(path: str | Path | None) -> tuple[Path, Path]:
@@ -293,25 +322,84 @@ def check_router_files(path: str | Path | None) -> tuple[Path, Path]:
                                     "(a folder with router.safetensors and router.json, as written by flux.train)")
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    weights, meta_path = folder / "router.safetensors", folder / "router.json"
+    weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
     if not weights.is_file() or not meta_path.is_file():
         raise RouterCheckpointError(f"router checkpoint {str(path)!r} needs router.safetensors and router.json in "
                                     f"{folder}; export one with flux.train (it writes both at the end)")
     return weights, meta_path
 
 
-def load_router(path: str | Path, backbone_name: str | None = None, num_layers: int | None = None
-                ) -> tuple[LayerRouter, dict[str, Any]]:
-    """Load an exported router (folder or router.safetensors path); checks backbone and layer count when given."""
+def read_router_meta(meta_path: Path) -> dict[str, Any]:
+    """router.json, checked for the keys a router is rebuilt from."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise RouterCheckpointError(f"cannot read {meta_path} ({err}); {REEXPORT}") from None
+    except json.JSONDecodeError as err:
+        raise RouterCheckpointError(f"{meta_path} is not valid JSON ({err.msg} at line {err.lineno}): the file is "
+                                    f"empty, truncated or corrupt; {REEXPORT}") from None
+    missing = [k for k in META_REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise RouterCheckpointError(f"{meta_path} lacks {missing}; it is not a router.json written by flux; {REEXPORT}")
+    return meta
+
+
+def check_router_backbone(meta: dict[str, Any], backbone: Backbone, source: str) -> None:
+    """The router reads this backbone's query states: same architecture (fingerprint), layer count and head size."""
+    trained_on, stored = meta["backbone"], meta.get("backbone_fingerprint")
+    if stored is not None and stored != backbone.fingerprint:
+        ours = architecture(backbone.config)
+        theirs = meta.get("backbone_architecture") or {}
+        diff = ", ".join(f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+        raise RouterCheckpointError(
+            f"router {source!r} was trained for backbone {trained_on!r} (fingerprint {stored}), not for "
+            f"{backbone.name!r} (fingerprint {backbone.fingerprint}): {diff}; load it onto the backbone it was "
+            "trained for, or train a router for this one")
+    if stored is None and trained_on != backbone.name:
+        raise RouterCheckpointError(f"router {source!r} was trained for backbone {trained_on!r}, not "
+                                    f"{backbone.name!r}; use the matching backbone or retrain the router")
+    if trained_on != backbone.name:
+        warnings.warn(f"router {source!r} was trained on {trained_on!r} and is loaded onto {backbone.name!r}, a model "
+                      "of the same architecture (fingerprint); its decisions are only as good as the two models agree",
+                      stacklevel=3)
+    if meta["num_layers"] != backbone.num_layers:
+        raise RouterCheckpointError(f"router {source!r} routes {meta['num_layers']} layers but the backbone has "
+                                    f"{backbone.num_layers}; it belongs to another model")
+    if meta["head_dim"] != backbone.head_dim:
+        raise RouterCheckpointError(f"router {source!r} reads query states of head size {meta['head_dim']} but the "
+                                    f"backbone's heads have size {backbone.head_dim}; it belongs to another model")
+
+
+def load_router(path: str | Path, backbone: Backbone | None = None) -> tuple[LayerRouter, dict[str, Any]]:
+    """Load an exported router (its folder or its router.safetensors) in eval mode, with its router.json.
+
+    With `backbone`, the router must have been trained for it (fingerprint, layer count, head size). Every problem
+    with the files (missing, empty, truncated, corrupt, from two different exports) is one RouterCheckpointError
+    that names the file.
+    """
     weights, meta_path = check_router_files(path)
-    meta = json.loads(meta_path.read_text())
-    if backbone_name is not None and meta.get("backbone") != backbone_name:
-        raise RouterCheckpointError(f"router {str(path)!r} was trained for backbone {meta.get('backbone')!r}, not "
-                                    f"{backbone_name!r}; use the matching backbone or retrain the router")
-    if num_layers is not None and meta.get("num_layers") != num_layers:
-        raise RouterCheckpointError(f"router {str(path)!r} routes {meta.get('num_layers')} layers but the backbone "
-                                    f"has {num_layers}; it belongs to another model")
-    cfg = {k: v for k, v in meta["router"].items() if k not in ("num_layers", "head_dim")}
-    router = LayerRouter(meta["num_layers"], meta["head_dim"], RouterConfig(**cfg))
-    router.load_state_dict(load_file(str(weights)))
+    meta = read_router_meta(meta_path)
+    if backbone is not None:
+        check_router_backbone(meta, backbone, str(path))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise RouterCheckpointError(f"{weights} is not a readable safetensors file ({err}): the file is empty, "
+                                    f"truncated or corrupt; {REEXPORT}") from None
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and file_sha256(weights) != recorded:
+        raise RouterCheckpointError(f"{weights} is not the file {meta_path} was written with (its sha256 differs): an "
+                                    f"export was interrupted between the two files, or one was replaced; {REEXPORT}")
+    try:
+        cfg = {k: v for k, v in meta["router"].items() if k not in ("num_layers", "head_dim")}
+        router = LayerRouter(meta["num_layers"], meta["head_dim"], RouterConfig(**cfg))
+    except (TypeError, AttributeError, RouterConfigError) as err:
+        raise RouterCheckpointError(f"{meta_path} holds router settings flux cannot build ({err}); {REEXPORT}"
+                                    ) from None
+    try:
+        router.load_state_dict(state)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise RouterCheckpointError(f"{weights} does not fit the router {meta_path} describes ({reason:.300}); "
+                                    f"the two files come from different routers; {REEXPORT}") from None
     return router.eval(), meta

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from flux.backbone import load_backbone
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
 from flux.model import FluxModel
@@ -41,15 +42,17 @@ def test_modes_write_results_and_routing(tmp_path, mode, extra):
 
 
 def test_router_mode_and_checkpoint_checks(tmp_path):
+    evaluated = load_backbone("tiny_random", tiny={"num_layers": 3})  # the backbone TINY composes
     router = LayerRouter(3, 16, kind="per_layer", init_fa_bias=-6.0)  # biased to SA: all-sparse decisions
-    export_router(router, tmp_path / "router", "tiny_random-llama", {"pattern": "streaming", "sink": 4, "window": 32})
+    export_router(router, tmp_path / "router", evaluated, {"pattern": "streaming", "sink": 4, "window": 32})
     results = evaluate(_cfg(tmp_path / "run", "routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"))
     assert results["routing"] == "router" and results["summary"]["sparsity"] == pytest.approx(1.0)
-    export_router(router, tmp_path / "other", "some/other-model", {})
-    with pytest.raises(RouterCheckpointError, match="trained for backbone 'some/other-model'"):
+    export_router(router, tmp_path / "other", load_backbone("tiny_random", family="qwen2", tiny={"num_layers": 3}), {})
+    with pytest.raises(RouterCheckpointError, match=r"trained for backbone 'tiny_random-qwen2' \(fingerprint \w+\), "
+                                                    r"not for 'tiny_random-llama' .*: model_type 'qwen2' vs 'llama'"):
         evaluate(_cfg(tmp_path / "run2", "routing.mode=router", f"routing.checkpoint={tmp_path / 'other'}"))
-    export_router(LayerRouter(5, 16), tmp_path / "five", "tiny_random-llama", {})
-    with pytest.raises(RouterCheckpointError, match="routes 5 layers but the backbone has 3"):
+    export_router(LayerRouter(5, 16), tmp_path / "five", load_backbone("tiny_random", tiny={"num_layers": 5}), {})
+    with pytest.raises(RouterCheckpointError, match="num_hidden_layers 5 vs 3"):
         evaluate(_cfg(tmp_path / "run3", "routing.mode=router", f"routing.checkpoint={tmp_path / 'five'}"))
     with pytest.raises(RouterCheckpointError, match="needs router.safetensors and router.json"):
         evaluate(_cfg(tmp_path / "run4", "routing.mode=router", f"routing.checkpoint={tmp_path / 'missing'}"))

@@ -12,6 +12,7 @@ import csv
 import itertools
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -150,7 +151,8 @@ def test_logged_temperature_and_target_follow_their_schedules(resumed):
 
 def test_exported_router_reloads_and_decides_like_the_trained_one(resumed, tiny_dir):
     _, second = resumed
-    loaded, meta = load_router(second["router_dir"], backbone_name=str(tiny_dir), num_layers=TINY_LAYERS)
+    backbone = load_backbone(str(tiny_dir), dtype="float32")
+    loaded, meta = load_router(second["router_dir"], backbone)
     assert meta["sparse"] == {"pattern": "streaming", "sink": 4, "window": 16}
     assert meta["training"]["steps"] == 3 and meta["training"]["tasks"] == TASKS
     trained_state = router_state(load_ckpt(Path(second["output_dir"]) / "checkpoints" / "last.ckpt"))
@@ -159,7 +161,6 @@ def test_exported_router_reloads_and_decides_like_the_trained_one(resumed, tiny_
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, trained_state[k])
 
-    backbone = load_backbone(str(tiny_dir), dtype="float32")
     model = FluxModel(backbone, pattern=build_pattern(compose_train(tiny_overrides(tiny_dir, None))))
     data = FluxDataModule(backbone.tokenizer, tasks=TASKS, n_train=1, n_val=1, length_tokens=64, batch_size=2)
     data.setup()
@@ -199,9 +200,14 @@ def test_resume_refuses_a_checkpoint_of_another_backbone(resumed, tiny_dir, tmp_
 
 
 def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
+    killed = [tmp_path / ".step000010.ckpt.a1b2c3.tmp", tmp_path / ".last.ckpt.d4e5f6.tmp"]  # a SIGKILLed run's temps
+    for p in killed:
+        p.write_bytes(b"half a checkpoint")
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": torch.tensor(1)}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the first save swept the stale temps
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
     with pytest.raises(Exception, match="pickle"):
         io.save_checkpoint({"step": torch.tensor(2), "unpicklable": lambda: None}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
@@ -369,7 +375,8 @@ def test_smollm2_run_logs_and_exports(smollm2_run):
     assert sorted(tau) == [0, 1, 2]
     for step, value in tau.items():
         assert value == pytest.approx(cosine_tau(step, 3, 1.5, 1.0, 0.6), abs=1e-6)
-    loaded, meta = load_router(result["router_dir"], backbone_name=SMOLLM2_NAME, num_layers=30)
+    loaded, meta = load_router(result["router_dir"], captured["backbone"])
+    assert meta["backbone"] == SMOLLM2_NAME and meta["num_layers"] == 30
     assert meta["training"]["steps"] == 3
     for k, v in captured["router"].state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.float())
@@ -400,7 +407,8 @@ def test_multirun_sweep_trains_one_router_per_job(tiny_dir, tmp_path):
     for job, target in (("0", 0.3), ("1", 0.5)):
         overrides = OmegaConf.load(sweep_dir / job / ".hydra" / "overrides.yaml")
         assert f"objective.target={target}" in overrides
-        _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
+        _, meta = load_router(sweep_dir / job / "router")
+        assert meta["num_layers"] == TINY_LAYERS
         assert meta["training"]["steps"] == 1
 
 
@@ -414,7 +422,7 @@ def test_ddp_with_two_cpu_processes_trains_and_exports(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran under the same Hydra run folder
-    loaded, meta = load_router(run_dir / "router", backbone_name=str(tiny_dir), num_layers=TINY_LAYERS)
+    loaded, meta = load_router(run_dir / "router", load_backbone(str(tiny_dir)))
     assert meta["training"]["steps"] == 2
     ckpt = load_ckpt(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
