@@ -46,7 +46,7 @@ class RoutingMapCallback(L.Callback):
 
 
 class ExportRouterCallback(L.Callback):
-    """Write router.safetensors + router.json when training ends (rank zero only)."""
+    """Write router.safetensors + router.json + the README.md model card when training ends (rank zero only)."""
 
     def __init__(self, out_dir: str, pattern: dict[str, Any]) -> None:
         self.out_dir = out_dir
@@ -55,6 +55,5 @@ class ExportRouterCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: FluxLitModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        summary = {"steps": trainer.global_step, "tasks": pl_module.tasks, "final_metrics": metrics}
-        export_router(pl_module.router, self.out_dir, pl_module.flux_model.backbone, self.pattern, summary)
+        export_router(pl_module.router, self.out_dir, pl_module.flux_model.backbone, self.pattern,
+                      pl_module.training_summary())

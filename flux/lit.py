@@ -174,6 +174,20 @@ class FluxLitModule(L.LightningModule):
              "gates": gates[i].float().tolist() if gates is not None else None, "score": None}
             for i in range(decisions.shape[0])]
 
+    def training_summary(self) -> dict[str, Any]:
+        """How training ended, for router.json, the model card and the end-of-run printout: steps, final loss, and Ω
+        per task against its target. Ω comes from the last validation pass when there was one (every validation
+        sample counts), else from each task's last training batch."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        val = {t: metrics[f"val/sparsity/{t}"] for t in self.tasks if f"val/sparsity/{t}" in metrics}
+        train = {t: metrics[f"train/sparsity/{t}"] for t in self.tasks if f"train/sparsity/{t}" in metrics}
+        sparsity, source = (val, "last validation pass") if val else (train, "last training batch of each task")
+        return {"steps": self.global_step, "tasks": self.tasks,
+                "task_types": {t: self.task_types.get(t, "retrieval") for t in self.tasks},
+                "targets": {t: self.target.target(t, self.global_step) for t in self.tasks},
+                "sparsity": sparsity, "sparsity_source": source, "final_loss": metrics.get("train/loss"),
+                "final_metrics": metrics}
+
     def configure_optimizers(self):
         router_opt = torch.optim.AdamW(self.router.parameters(), lr=self.router_lr, weight_decay=self.weight_decay)
         lambda_opt = torch.optim.SGD(self.constraint.parameters(), lr=self.lambda_lr, maximize=True)

@@ -272,15 +272,17 @@ def test_router_json_without_fingerprint_is_checked_by_name_and_shape(tiny, tmp_
 
 
 def test_export_writes_readable_files_and_removes_stale_temps(tiny, tmp_path):
-    stale = [tmp_path / ".router.safetensors.k1ll3d.tmp", tmp_path / ".router.json.k1ll3d.tmp"]
+    stale = [tmp_path / ".router.safetensors.k1ll3d.tmp", tmp_path / ".router.json.k1ll3d.tmp",
+             tmp_path / ".README.md.k1ll3d.tmp"]
     tmp_path.mkdir(exist_ok=True)
     for p in stale:
         p.write_bytes(b"half a file")
     unrelated = tmp_path / ".keep.tmp"
     unrelated.write_text("not ours")
     export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path, tiny, PATTERN.describe())
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.tmp", "router.json", "router.safetensors"]
-    for name in ("router.json", "router.safetensors"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.tmp", "README.md", "router.json",
+                                                          "router.safetensors"]
+    for name in ("README.md", "router.json", "router.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
 
 
@@ -326,7 +328,7 @@ def test_a_killed_export_leaves_the_old_pair_and_its_temp_is_removed_next_time(t
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # SIGKILL cannot clean up ...
     assert load_router(tmp_path, tiny)[1]["training"] == {"steps": 1}  # ... but the pair was never touched
     export_router(scrambled_router(tiny), tmp_path, tiny, PATTERN.describe(), {"steps": 2})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["router.json", "router.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "router.json", "router.safetensors"]
 
 
 def test_weights_from_another_export_are_refused(tiny, tmp_path):

@@ -154,7 +154,16 @@ def test_exported_router_reloads_and_decides_like_the_trained_one(resumed, tiny_
     backbone = load_backbone(str(tiny_dir), dtype="float32")
     loaded, meta = load_router(second["router_dir"], backbone)
     assert meta["sparse"] == {"pattern": "streaming", "sink": 4, "window": 16}
-    assert meta["training"]["steps"] == 3 and meta["training"]["tasks"] == TASKS
+    training = meta["training"]
+    assert training["steps"] == 3 and training["tasks"] == TASKS
+    # validation ran after the last step, so Omega per task comes from it, with the target of that step
+    assert training["sparsity_source"] == "last validation pass"
+    assert training["sparsity"] == {t: training["final_metrics"][f"val/sparsity/{t}"] for t in TASKS}
+    objective = OmegaConf.load(CONF / "objective" / "lm.yaml")
+    schedule = TargetSchedule(end=objective.target, start=objective.target_start, ramp_steps=objective.ramp_steps)
+    assert training["targets"] == {t: pytest.approx(schedule.target(t, 3)) for t in TASKS}
+    assert training["task_types"] == {"niah_single": "retrieval", "fwe": "holistic"}
+    assert "| retrieval | niah_single |" in (Path(second["router_dir"]) / "README.md").read_text()
     trained_state = router_state(load_ckpt(Path(second["output_dir"]) / "checkpoints" / "last.ckpt"))
     trained = LayerRouter(TINY_LAYERS, TINY_HEAD_DIM, loaded.config)
     trained.load_state_dict(trained_state)
