@@ -14,6 +14,7 @@ Writes ``bench.json``, ``table.md`` and ``speedup.png`` to ``output_dir``.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import math
 import statistics
@@ -28,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
+from flux.conf import CONFIG_MODULE, CONFIG_PATH
 from flux.plan import spread_sa_layers
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
 GIB = 1024 ** 3
 
@@ -40,12 +41,11 @@ class BenchConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def load_plain_config(overrides: Sequence[str], path: Path = CONF_DIR / "bench.yaml") -> dict[str, Any]:
-    """conf/bench.yaml with Hydra-style ``a.b=value`` overrides, parsed by OmegaConf's dot-list parser (values typed
-    as YAML) in struct mode: an override may only set a key the file has, and never replace a whole section."""
-    if not path.is_file():
-        raise FileNotFoundError(f"bench config {path} not found; reinstall flux (it ships conf/bench.yaml)")
-    cfg = OmegaConf.load(path)
+def load_plain_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """conf/bench.yaml (shipped as flux.conf) with Hydra-style ``a.b=value`` overrides, parsed by OmegaConf's
+    dot-list parser (values typed as YAML) in struct mode: an override may only set a key the file has, and never
+    replace a whole section."""
+    cfg = OmegaConf.create(importlib.resources.files(CONFIG_MODULE).joinpath("bench.yaml").read_text())
     OmegaConf.set_struct(cfg, True)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
@@ -639,7 +639,7 @@ def _hydra_main(argv: list[str]) -> None:
 
     sys.argv = [sys.argv[0], *argv]
 
-    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="bench")
+    @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="bench")
     def _entry(conf) -> None:
         run(OmegaConf.to_container(conf, resolve=True))
 

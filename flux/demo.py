@@ -17,16 +17,17 @@ import matplotlib
 from flux import viz
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
-SHIPPED_ROUTER = REPO / "experiments" / "smollm2_8k" / "router"
+SHIPPED_ROUTER = REPO / "experiments" / "smollm2_8k" / "router"  # present in a checkout, not in an installed wheel
 TASKS = ["niah_single", "kv_lookup", "variable_tracking", "fwe", "continuation", "summary_like"]
 
 
 def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    from flux.conf import CONFIG_MODULE
+
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from flux.backbone import Backbone, backbone_max_positions, load_backbone
+from flux.conf import CONFIG_PATH
 from flux.configs import build, build_pattern
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.evals import PerplexityTask, aggregate, build_results, make_record, write_results, write_routing
@@ -198,7 +199,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"{'summary':<46}{s['score']:>8.3f}{s['sparsity']:>10.3f}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

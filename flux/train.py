@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flux.callbacks import ExportRouterCallback, RoutingMapCallback
+from flux.conf import CONFIG_PATH
 from flux.configs import build, build_backbone, build_pattern
 from flux.lit import AtomicCheckpointIO, FluxLitModule
 from flux.model import FluxModel
@@ -81,7 +82,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "global_step": trainer.global_step}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     result = run(cfg)
     print(f"router exported to {result['router_dir']} after {result['global_step']} steps")

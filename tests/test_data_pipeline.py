@@ -24,7 +24,6 @@ from flux.data.prompting import (
 )
 from flux.data.sft import load_sft
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 CONTEXT = "Otters live in rivers. " * 40 + "The special magic number for quiet-otter is 4417.  It never changes."
 QUESTION = "What is the special magic number for quiet-otter?"
 
@@ -280,13 +279,14 @@ def test_datamodule_rejects_bad_configuration(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", ["synthetic", "jsonl", "mixture"])
 def test_hydra_configs_instantiate_with_an_injected_tokenizer(tokenizer, tmp_path, name):
-    from hydra import compose, initialize_config_dir
+    from flux.conf import CONFIG_MODULE
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
     train = write_sft(tmp_path / "train.jsonl", 40)
-    overrides = [] if name == "synthetic" else [f"train_files=[{train}]"]
-    with initialize_config_dir(str(CONF / "data"), version_base="1.3"):
-        cfg = compose(name, overrides=overrides)
+    overrides = [f"data={name}"] + ([] if name == "synthetic" else [f"data.train_files=[{train}]"])
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=overrides).data
     dm = instantiate(cfg, tokenizer=tokenizer)
     assert isinstance(dm, FluxDataModule) and dm.tokenizer is tokenizer and dm.source == name
     assert isinstance(dm.tasks, list) and dm.train_seed != dm.val_seed

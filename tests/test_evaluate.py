@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from flux.conf import CONFIG_MODULE
+from hydra import compose, initialize_config_module
 
 from flux.backbone import load_backbone
 from flux.data.prompting import build_prompt, collate_left_padded
@@ -15,14 +15,13 @@ from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
 from flux.model import FluxModel
 from flux.router import LayerRouter, RouterCheckpointError, export_router
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = ["backbone=tiny_random", "backbone.tiny.num_layers=3", "sparse.sink=4", "sparse.window=32"]
 RULER = ["eval.task.tasks=[niah_single,fwe]", "eval.task.lengths=[256]", "eval.task.n=2",
          "eval.task.max_new_tokens=4", "eval.batch_size=3"]
 
 
 def _cfg(tmp_path, *overrides, task=RULER):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("evaluate", [*TINY, *task, f"output_dir={tmp_path}", *overrides])
 
 

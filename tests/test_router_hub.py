@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from flux.conf import CONFIG_MODULE
 from huggingface_hub import constants
 
 from flux.attention.patterns import StreamingPattern
@@ -141,14 +142,14 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(tiny, router, tmp_path, offli
 
 
 def test_flux_evaluate_takes_a_hub_id_as_routing_checkpoint(tiny, tmp_path, offline_hub):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from flux.evaluate import evaluate
 
     sa_router = LayerRouter(3, 16, init_fa_bias=-6.0)  # every layer to SA, so the result shows the router ran
     export_router(sa_router, tmp_path / "router", load_backbone("tiny_random", tiny={"num_layers": 3}), {})
     put_in_hub_cache(offline_hub, "flux-test/sa-router", tmp_path / "router")
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("evaluate", ["backbone=tiny_random", "backbone.tiny.num_layers=3", "sparse.sink=4",
                                    "sparse.window=32", "eval.task.tasks=[fwe]", "eval.task.lengths=[256]",
                                    "eval.task.n=1", "eval.task.max_new_tokens=2", f"output_dir={tmp_path / 'run'}",

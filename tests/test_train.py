@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from flux.conf import CONFIG_MODULE
+from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -43,7 +44,7 @@ SMALL_DATA = ["logger=csv", "data.n_train=1", "data.n_val=1", "data.length_token
 
 
 def compose_train(overrides: list[str], hydra_config: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra_config)
 
 
