@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
 
     from flux.evaluate import evaluate
-    from flux.train import run
+    from flux.train import run, summary_text
 
     # the shipped router's pattern (its router.json), so every router in the summary runs as it was trained
     sparse = ["sparse.sink=64", "sparse.window=256"]
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         f"trainer.max_steps={args.steps}", "logger=csv", f"output_dir={out / 'train'}", f"data.tasks=[{','.join(TASKS)}]",
         "data.n_train=2", "data.n_val=1", "data.length_tokens=512", "data.max_tokens=768", "data.batch_size=2",
         "objective.ramp_steps=4", "objective.target=0.5", "checkpoint_every=4", "routing_map_every=4",
+        "trainer.val_check_interval=4",
         "router.lr=5e-3"]))
+    print(summary_text(trained))
     routers = {"router": trained["router_dir"]}
     if (SHIPPED_ROUTER / "router.safetensors").is_file():
         routers["shipped_router"] = str(SHIPPED_ROUTER)

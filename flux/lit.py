@@ -69,7 +69,8 @@ class FluxLitModule(L.LightningModule):
         cosine_tau(0, 1, tau_start, tau_end, tau_fraction)  # a bad temperature fails here, not after data setup
         self.automatic_optimization = False
         self.strict_loading = False
-        self.last_routing: list[dict[str, Any]] = []
+        self.last_routing: list[dict[str, Any]] = []  # the last training batch, as routing.jsonl records
+        self.val_routing: list[dict[str, Any]] = []  # every sample of the current validation pass
         self.val_score = MeanMetric()
         self.val_sparsity = MeanMetric()
         if gradient_checkpointing:
@@ -144,8 +145,11 @@ class FluxLitModule(L.LightningModule):
         for i in range(self.flux_model.num_layers):
             logs[f"train/layer_sparsity/{i:02d}"] = out.decisions[:, i].float().mean()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=b)
-        self._remember(batch, out.decisions, out.gates)
+        self.last_routing = self._routing_records(batch, out.decisions, out.gates)
         return total.detach()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_routing = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.router.eval()
@@ -162,13 +166,14 @@ class FluxLitModule(L.LightningModule):
             if bool(sel.any()):
                 self.log(f"val/sparsity/{name}", sparsity[sel].mean(), on_epoch=True, batch_size=int(sel.sum()),
                          sync_dist=True)
-        self._remember(batch, out.decisions, None)
+        self.val_routing += self._routing_records(batch, out.decisions, None, first_id=len(self.val_routing))
 
-    def _remember(self, batch: dict[str, Any], decisions: torch.Tensor, gates: torch.Tensor | None) -> None:
-        """Keep the last batch's routing as records (the routing.jsonl format) for the heatmap callback."""
+    def _routing_records(self, batch: dict[str, Any], decisions: torch.Tensor, gates: torch.Tensor | None,
+                         first_id: int = 0) -> list[dict[str, Any]]:
+        """A batch's routing as routing.jsonl records (score null: nothing is scored here), for the heatmaps."""
         tasks = batch.get("tasks") or [self.tasks[int(k)] for k in batch["task_ids"]]
-        self.last_routing = [
-            {"id": str(i), "task": tasks[i], "task_type": self.task_types.get(tasks[i], "retrieval"),
+        return [
+            {"id": str(first_id + i), "task": tasks[i], "task_type": self.task_types.get(tasks[i], "retrieval"),
              "length": int(batch["attention_mask"][i].sum()),
              "decisions": decisions[i].int().tolist(),
              "gates": gates[i].float().tolist() if gates is not None else None, "score": None}

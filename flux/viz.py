@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,13 +343,20 @@ def routing_heatmap(records: Sequence[RoutingRecord | Mapping[str, Any]], num_la
     map_ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap([FA_COLOR, SA_COLOR]),
                   vmin=0, vmax=1)
     map_ax.grid(False)
-    map_ax.set_xlabel(f"sample (grouped by task, then length; {samples} samples)")
+    map_ax.set_xlabel(f"samples, grouped by task and sorted by length ({samples} in all)")
     map_ax.set_ylabel("layer")
-    if layers <= 40:
-        map_ax.set_yticks(range(0, layers, max(1, layers // 10)))
+    # every layer labelled up to 32 layers (one row each is tall enough), else about 16 evenly spaced labels
+    map_ax.set_yticks(range(0, layers, 1 if layers <= 32 else math.ceil(layers / 16)))
+    map_ax.tick_params(axis="y", labelsize=7 if layers > 16 else 9)
     boundaries = [i for i in range(1, samples) if rows[i].task != rows[i - 1].task]
     for x in boundaries:
         map_ax.axvline(x - 0.5, color="white", linewidth=1.0)
+    # one x label per task block, at its centre, instead of sample numbers that name nothing
+    starts, ends = [0, *boundaries], [*boundaries, samples]
+    rotate = len(starts) > 4
+    map_ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends, strict=True)],
+                      [f"{rows[s].task} ({e - s})" for s, e in zip(starts, ends, strict=True)],
+                      rotation=30 if rotate else 0, ha="right" if rotate else "center")
     handles = [Patch(color=FA_COLOR, label="FA (full)"), Patch(color=SA_COLOR, label="SA (sparse)")]
     handles += [Patch(color=c, label=name) for name, c in colors.items()]
     fig.legend(handles=handles, loc="outside right upper", frameon=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import shutil
 import stat
@@ -66,7 +67,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(tiny_dir: Path, out: Path | None, synthetic: bool = True) -> list[str]:
-    base = [f"backbone.source={tiny_dir}", "backbone.dtype=float32", "trainer.limit_val_batches=1"]
+    base = [f"backbone.source={tiny_dir}", "backbone.dtype=float32", "trainer.limit_val_batches=1",
+            "++trainer.val_check_interval=1"]  # ++: the gpu/ddp trainer configs leave it at its default
     base += SMALL_DATA if synthetic else ["logger=csv"]
     return base + ([f"output_dir={out}"] if out is not None else [])
 
@@ -222,6 +224,92 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
         io.save_checkpoint({"step": torch.tensor(2), "unpicklable": lambda: None}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
     assert int(torch.load(target, weights_only=False)["step"]) == 1
+
+
+# -- the quickstart: validation, progress bar, summary ----------------------------------------------------------
+
+QUICK = ["data.tasks=[niah_single,fwe]", "data.length_tokens=128", "data.max_tokens=256", "trainer.max_steps=4",
+         "trainer.val_check_interval=2"]
+
+
+def test_quickstart_config_validates_every_task_more_than_once():
+    """The quickstart (`python -m flux.train`, no overrides) must validate during its run: an epoch of its data is
+    longer than the run, so validation is counted in steps, and each pass covers the whole validation split."""
+    cfg = compose_train(["output_dir=unused"]).copy()
+    trainer, data = cfg.trainer, cfg.data
+    assert trainer.check_val_every_n_epoch is None and 2 * trainer.val_check_interval <= trainer.max_steps
+    split = len(data.tasks) * data.n_val * (1 if isinstance(data.length_tokens, int) else len(data.length_tokens))
+    assert trainer.limit_val_batches * (data.val_batch_size or data.batch_size) >= split
+
+
+@pytest.fixture(scope="module")
+def quickstart(tiny_dir, tmp_path_factory):
+    """`python -m flux.train` with the quickstart's trainer, logger (W&B offline) and data settings, shortened
+    (QUICK) and on the tiny backbone so it takes seconds; its output (progress bar and end-of-run summary) is kept."""
+    out = tmp_path_factory.mktemp("quickstart")
+    cmd = [sys.executable, "-m", "flux.train", f"backbone.source={tiny_dir}", "backbone.dtype=float32", *QUICK,
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, check=False, cwd=out, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quickstart_validates_every_task_and_maps_each_validation_pass(quickstart):
+    out, _ = quickstart
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    tasks, every, steps = list(cfg.data.tasks), cfg.trainer.val_check_interval, cfg.trainer.max_steps
+    passes = list(range(every, steps + 1, every))
+    assert len(passes) >= 2  # the quickstart validates more than once
+    for step in passes:
+        records = [json.loads(line) for line in (out / "routing_maps" / f"val_step{step:06d}.routing.jsonl").open()]
+        assert len(records) == len(tasks) * cfg.data.n_val  # the whole validation split, every task
+        assert {r["task"] for r in records} == set(tasks) and all(r["score"] is None for r in records)
+        assert (out / "routing_maps" / f"val_step{step:06d}.png").stat().st_size > 10_000
+    val = metric_rows(out, "val/sparsity_hard")
+    assert sorted(val) == [s - 1 for s in passes]  # Lightning files validation under the last training step
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # real W&B offline run files beside the CSV
+
+
+def test_quickstart_progress_bar_shows_loss_sparsity_target_and_multipliers(quickstart):
+    out, proc = quickstart
+    final = {k: v[max(v)] for k, v in ((k, metric_rows(out, k)) for k in
+                                        ("train/loss", "train/sparsity_hard", "train/target", "train/lambda1"))}
+    bar = proc.stdout.replace("\r", "\n").splitlines()  # Lightning draws its bars on stdout
+    last = [line for line in bar if "Epoch" in line and "loss=" in line][-1]
+    assert f"loss={final['train/loss']:.3f}" in last
+    assert f"Ω={final['train/sparsity_hard']:.2f}" in last and f"target={final['train/target']:.2f}" in last
+    assert f"λ1={final['train/lambda1']:.3g}" in last and "λ2=" in last and "val Ω=" in last
+
+
+def test_quickstart_ends_with_a_summary(quickstart):
+    out, proc = quickstart
+    summary = json.loads((out / "router" / "router.json").read_text())["training"]
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("flux.train: "))
+    text = "\n".join(lines[start:])
+    assert f"flux.train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}" in text
+    assert "sparsity Ω per task (last validation pass) vs target:" in text
+    for task in summary["tasks"]:
+        assert (f"  {task:<24} {summary['task_types'][task]:<10} Ω {summary['sparsity'][task]:.2f}  "
+                f"target {summary['targets'][task]:.2f}") in text
+    assert f"router       {out / 'router'}  (router.safetensors, router.json, README.md)" in text
+    assert f"metrics.csv  {out / 'csv' / 'version_0' / 'metrics.csv'}" in text
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    assert f"W&B run      {run_dir}  (offline; upload with: wandb sync {run_dir})" in text
+
+
+def test_readme_jsonl_example_trains_on_a_small_file(tiny_dir, tmp_path):
+    """README: `python -m flux.train data=jsonl data.train_files=[train.jsonl]` with a file of a few records."""
+    records = [{"context": f"Note {i}: the locker code is {1000 + i}. " + "Routine entries follow. " * 20,
+                "question": f"What is the locker code in note {i}?", "answer": str(1000 + i)} for i in range(6)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = flux.train.run(compose_train([f"backbone.source={tiny_dir}", "backbone.dtype=float32", "data=jsonl",
+                                           f"data.train_files=[{train}]", "logger=csv", f"output_dir={tmp_path / 'run'}"]))
+    summary = result["summary"]
+    assert summary["steps"] == 20 and summary["sparsity_source"] == "last validation pass"
+    assert list(summary["sparsity"]) == ["sft"]  # records without a task field share the task "sft"
+    assert load_router(result["router_dir"])[1]["training"]["steps"] == 20
 
 
 # -- clear errors ------------------------------------------------------------------------------------------------

@@ -51,12 +51,19 @@ def test_routing_heatmap_groups_samples_by_task() -> None:
     assert image.cmap(image.norm(1)) == to_rgba(viz.SA_COLOR)
     assert _legend_texts(fig) == ["FA (full)", "SA (sparse)", "alpha", "beta"]
     assert "SA fraction 50%" in fig.get_suptitle()
+    # one x tick per task block, at its centre, named with its sample count; every layer labelled
+    assert list(map_ax.get_xticks()) == [0.5, 2.5]
+    assert [t.get_text() for t in map_ax.get_xticklabels()] == ["alpha (2)", "beta (2)"]
+    assert list(map_ax.get_yticks()) == [0, 1, 2]
 
 
 def test_routing_heatmap_on_fixture_file_has_layers_by_samples(tmp_path: Path) -> None:
     path = fx.write_jsonl(tmp_path / "routing.jsonl", fx.routing_records("router", num_layers=30, per_cell=2))
     fig = viz.routing_heatmap(viz.load_routing(path, num_layers=30))
     assert fig.axes[1].images[0].get_array().shape == (30, len(fx.TASKS) * len(fx.LENGTHS) * 2)
+    assert list(fig.axes[1].get_yticks()) == list(range(30))
+    deep = viz.routing_heatmap(fx.routing_records("router", num_layers=80, per_cell=1))
+    assert list(deep.axes[1].get_yticks()) == list(range(0, 80, 5))  # about 16 labels for a deep model
 
 
 def test_routing_heatmap_rejects_wrong_layer_count() -> None:
