@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,10 +50,13 @@ __all__ = [
     "INPUT_ERRORS",
     "SA_COLOR",
     "RoutingRecord",
+    "RunFiles",
     "VizFileNotFoundError",
     "VizInputError",
     "as_records",
+    "find_run_files",
     "layer_fa_probability",
+    "length_buckets",
     "load_bench",
     "load_metrics",
     "load_results",
@@ -253,6 +257,68 @@ def load_bench(path_or_dir: str | Path) -> dict[str, Any]:
     return read_bench(path) | {"source": str(path)}
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """The output files found below one folder: a flux.train run, a flux.evaluate run, or a sweep of either.
+
+    Each list is sorted by path. ``routing`` holds evaluation ``routing.jsonl`` files and the validation passes a
+    training run leaves (``routing_maps/val_stepNNNNNN.routing.jsonl``).
+    """
+
+    root: Path
+    results: tuple[Path, ...]
+    routing: tuple[Path, ...]
+    metrics: tuple[Path, ...]
+    bench: tuple[Path, ...]
+
+    def routing_file(self) -> Path:
+        """The routing file to draw: an evaluated router's, else the last validation pass of training, else the
+        first evaluation's."""
+        evaluated = [p for p in self.routing if p.name == ROUTING_FILE]
+        of_router = [p for p in evaluated if _evaluated_routing(p.parent / RESULTS_FILE) == "router"]
+        passes = sorted((p for p in self.routing if p.name != ROUTING_FILE), key=lambda p: p.name)
+        chosen = of_router[:1] or passes[-1:] or evaluated[:1]
+        if not chosen:
+            raise VizFileNotFoundError(f"no routing.jsonl under {self.root}; `python -m flux.evaluate` writes one per "
+                                       "run, and `python -m flux.train` one per validation pass (routing_maps/)")
+        return chosen[0]
+
+    def metrics_file(self) -> Path:
+        """The newest metrics.csv (a resumed or repeated run writes csv/version_N)."""
+        if not self.metrics:
+            raise VizFileNotFoundError(f"no metrics.csv under {self.root}; `python -m flux.train` writes it "
+                                       "(<output_dir>/csv/version_N/metrics.csv)")
+        return max(self.metrics, key=lambda p: (p.stat().st_mtime, str(p)))
+
+    def bench_file(self) -> Path:
+        if not self.bench:
+            raise VizFileNotFoundError(f"no bench.json under {self.root}; `python -m flux.bench` writes it (GPU)")
+        return self.bench[0]
+
+
+def _evaluated_routing(results_file: Path) -> str | None:
+    """The routing mode a results.json names, only to pick which routing file to draw; a missing or broken file
+    gives None here and its own message where the results are loaded (load_results)."""
+    try:
+        routing = json.loads(results_file.read_text(encoding="utf-8")).get("routing")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return routing if isinstance(routing, str) else None
+
+
+def find_run_files(root: str | Path) -> RunFiles:
+    """Every results.json, routing file, metrics.csv and bench.json below `root`, whatever wrote the folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VizFileNotFoundError(f"run folder {root} not found; pass the output folder of flux.train, flux.evaluate "
+                                   "or flux.bench, or a folder holding several (a sweep)")
+
+    def below(pattern: str) -> tuple[Path, ...]:
+        return tuple(sorted(p for p in root.rglob(pattern) if p.is_file()))
+
+    return RunFiles(root, below(RESULTS_FILE), below(f"*{ROUTING_FILE}"), below("metrics.csv"), below(BENCH_FILE))
+
+
 Metrics = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
@@ -422,13 +488,30 @@ def sparsity_distribution(records: Sequence[RoutingRecord | Mapping[str, Any]],
                      [colors[t] for t in tasks])
     task_ax.set_ylabel("sample sparsity (share of SA layers)")
     task_ax.set_title("by task")
-    lengths = sorted({r.length for r in rows})
-    _box_with_points(length_ax, [np.asarray([r.sparsity for r in rows if r.length == n]) for n in lengths],
-                     [str(n) for n in lengths], [SA_COLOR] * len(lengths))
+    buckets = length_buckets([r.length for r in rows])
+    groups = [np.asarray([r.sparsity for r in rows if lo < r.length <= hi]) for lo, hi, _ in buckets]
+    _box_with_points(length_ax, groups, [f"{label}\n(n={len(g)})" for (_, _, label), g in zip(buckets, groups,
+                                                                                              strict=True)],
+                     [SA_COLOR] * len(buckets))
     length_ax.set_xlabel("input length (tokens)")
     length_ax.set_title("by length")
     fig.suptitle(f"Per-sample sparsity ({len(rows)} samples)")
     return fig
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int = 6) -> list[tuple[int, int, str]]:
+    """(low, high, label) ranges `low < length <= high` for the by-length panel: each distinct length when there are
+    at most `max_buckets` of them, else powers of two ("2k-4k" holds 2049..4096 tokens), so the prompts of a 4k
+    evaluation cell (a few tokens short of 4096 each) share one box instead of one box per token count."""
+    distinct = sorted(set(lengths))
+    if len(distinct) <= max_buckets:
+        return [(n - 1, n, str(n)) for n in distinct]
+    highs = sorted({1 << max(0, math.ceil(math.log2(n))) for n in distinct})
+    return [(h // 2, h, f"{_tokens(h // 2)}–{_tokens(h)}") for h in highs]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

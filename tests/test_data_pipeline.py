@@ -279,9 +279,10 @@ def test_datamodule_rejects_bad_configuration(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", ["synthetic", "jsonl", "mixture"])
 def test_hydra_configs_instantiate_with_an_injected_tokenizer(tokenizer, tmp_path, name):
-    from flux.conf import CONFIG_MODULE
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
+
+    from flux.conf import CONFIG_MODULE
 
     train = write_sft(tmp_path / "train.jsonl", 40)
     overrides = [f"data={name}"] + ([] if name == "synthetic" else [f"data.train_files=[{train}]"])

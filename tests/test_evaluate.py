@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from flux.conf import CONFIG_MODULE
 from hydra import compose, initialize_config_module
 
 from flux.backbone import load_backbone
+from flux.conf import CONFIG_MODULE
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
 from flux.model import FluxModel

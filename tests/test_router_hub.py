@@ -13,11 +13,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from flux.conf import CONFIG_MODULE
 from huggingface_hub import constants
 
 from flux.attention.patterns import StreamingPattern
 from flux.backbone import load_backbone
+from flux.conf import CONFIG_MODULE
 from flux.evals.results import ResultsFormatError, build_results
 from flux.model import FluxModel
 from flux.router import LayerRouter, RouterCheckpointError, RouterConfig, export_router, load_router

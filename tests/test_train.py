@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flux.conf import CONFIG_MODULE
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import flux.train
 from flux.attention.patterns import PatternError
-from flux.backbone import SMOLLM2_NAME, dequantised_gguf_dir, load_backbone, smollm2_gguf_path
+from flux.backbone import SMOLLM2_NAME, load_backbone
+from flux.conf import CONFIG_MODULE
 from flux.configs import build_pattern
 from flux.data.module import FluxDataModule
 from flux.lit import BACKBONE_PREFIX, AtomicCheckpointIO
@@ -47,23 +47,6 @@ SMALL_DATA = ["logger=csv", "data.n_train=1", "data.n_val=1", "data.length_token
 def compose_train(overrides: list[str], hydra_config: bool = False):
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra_config)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A 3-layer random Llama (hidden 32, head_dim 8) with SmolLM2's tokenizer, saved as a local model folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(dequantised_gguf_dir(smollm2_gguf_path()))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=TINY_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_overrides(tiny_dir: Path, out: Path | None, synthetic: bool = True) -> list[str]:

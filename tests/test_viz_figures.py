@@ -92,7 +92,19 @@ def test_sparsity_distribution_points_are_per_sample_sparsity() -> None:
     assert by_task == [[0.5, 1.0], [0.25]]
     by_length = [sorted(c.get_offsets()[:, 1]) for c in length_ax.collections]
     assert by_length == [[0.25, 0.5], [1.0]]
-    assert [t.get_text() for t in length_ax.get_xticklabels()] == ["10", "20"]
+    assert [t.get_text() for t in length_ax.get_xticklabels()] == ["10\n(n=2)", "20\n(n=1)"]
+
+
+def test_length_buckets_group_many_prompt_lengths_by_powers_of_two() -> None:
+    # prompts of 1k / 4k / 8k evaluation cells are a few tokens short of their cell's length
+    lengths = [1000, 1010, 1020, 3919, 3990, 4000, 4096, 8100, 8190]
+    assert viz.length_buckets(lengths) == [(512, 1024, "512–1k"), (2048, 4096, "2k–4k"), (4096, 8192, "4k–8k")]
+    records = [_rec(f"s{i}", "a", [int(i % 2 == 0), 1], length=n) for i, n in enumerate(lengths)]
+    length_ax = viz.sparsity_distribution(records).axes[1]
+    assert [t.get_text() for t in length_ax.get_xticklabels()] == ["512–1k\n(n=3)", "2k–4k\n(n=4)", "4k–8k\n(n=2)"]
+    by_bucket = [sorted(c.get_offsets()[:, 1]) for c in length_ax.collections]
+    assert by_bucket == [[0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [0.5, 1.0]]
+    assert viz.length_buckets([7, 9, 9]) == [(6, 7, "7"), (8, 9, "9")]  # few lengths: one box each
 
 
 def test_pareto_front_hand_example() -> None:

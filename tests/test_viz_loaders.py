@@ -150,3 +150,27 @@ def test_load_metrics_errors(tmp_path: Path) -> None:
         viz.load_metrics(path)
     with pytest.raises(FileNotFoundError, match=r"metrics\.csv not found"):
         viz.load_metrics(tmp_path / "run" / "metrics.csv")
+
+
+def test_find_run_files_picks_the_router_then_the_last_validation_pass(tmp_path: Path) -> None:
+    root = fx.write_example_run(tmp_path / "sweep", num_layers=4)  # dense/, router/, ... with results and routing
+    for step in (10, 20):
+        fx.write_jsonl(root / "train" / "routing_maps" / f"val_step{step:06d}.routing.jsonl",
+                       fx.routing_records("router", num_layers=4))
+    files = viz.find_run_files(root)
+    assert len(files.results) == len(fx.ROUTINGS) and len(files.routing) == len(fx.ROUTINGS) + 2
+    assert files.routing_file() == root / "router" / "routing.jsonl"  # an evaluated router first
+    (root / "router" / "results.json").write_text("{broken", encoding="utf-8")  # reported by load_results instead
+    assert files.routing_file() == root / "train" / "routing_maps" / "val_step000020.routing.jsonl"
+    assert viz.find_run_files(root / "dense").routing_file() == root / "dense" / "routing.jsonl"
+    assert files.metrics_file() == root / "metrics.csv" and files.bench_file() == root / "bench.json"
+
+
+def test_find_run_files_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"run folder .*nowhere not found"):
+        viz.find_run_files(tmp_path / "nowhere")
+    files = viz.find_run_files(tmp_path)
+    for pick, message in ((files.routing_file, "no routing.jsonl under"), (files.metrics_file, "no metrics.csv under"),
+                          (files.bench_file, "no bench.json under")):
+        with pytest.raises(viz.VizFileNotFoundError, match=message):
+            pick()
