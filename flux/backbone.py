@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -74,6 +75,10 @@ class Backbone:
         return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
     @property
+    def fingerprint(self) -> str:
+        return backbone_fingerprint(self.model.config)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -134,6 +139,32 @@ def hub_kwargs(source: str, revision: str | None = None) -> dict[str, Any]:
         raise BackboneError(f"backbone {source!r} is not in the local model cache and the model hub is {why}; "
                             "download it where the hub is reachable and pass its local folder as backbone.source")
     return {"local_files_only": True}
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    """The config fields that decide what a layer's query states mean, hence whether a router trained on one model can
+    read another: family, depth, widths, heads, vocabulary, rotary embedding. Not the model's name or path, so the same
+    model loaded from a GGUF file, a local folder or the hub has one architecture."""
+    heads = int(config.num_attention_heads)
+    rope = getattr(config, "rope_parameters", None)
+    if rope is None:  # configs from before transformers 5 keep these two apart
+        rope = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None)}
+    return {
+        "model_type": config.model_type,
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "hidden_size": int(config.hidden_size),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "vocab_size": int(config.vocab_size),
+        "rope": json.loads(json.dumps(rope, sort_keys=True, default=str)),
+    }
+
+
+def backbone_fingerprint(config: Any) -> str:
+    """A short hash of `architecture(config)`: stored with a router, checked when it is loaded onto a backbone."""
+    canonical = json.dumps(architecture(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:

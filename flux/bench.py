@@ -13,6 +13,7 @@ Writes ``bench.json``, ``table.md`` and ``speedup.png`` to ``output_dir``.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import statistics
@@ -23,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from flux.errors import ArgumentParser, FluxUserError, UserFileNotFoundError, report_user_errors, run_cli
+from flux.conf import CONFIG_MODULE, CONFIG_PATH
+from flux.errors import ArgumentParser, FluxUserError, report_user_errors, run_cli
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DENSE_BACKENDS = ("cudnn", "flash", "efficient")
 GIB = 1024 ** 3
 
@@ -38,35 +40,36 @@ class BenchConfigError(FluxUserError):
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Hydra-style ``a.b=value`` overrides (values parsed as YAML) on a nested dict; unknown keys are errors."""
+def load_plain_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """conf/bench.yaml (shipped as flux.conf) with Hydra-style ``a.b=value`` overrides, parsed by OmegaConf's
+    dot-list parser (values typed as YAML) in struct mode: an override may only set a key the file has, and never
+    replace a whole section."""
+    cfg = OmegaConf.create(importlib.resources.files(CONFIG_MODULE).joinpath("bench.yaml").read_text())
+    OmegaConf.set_struct(cfg, True)
     for item in overrides:
-        if "=" not in item:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key:
             raise BenchConfigError(f"override {item!r} is not key=value (e.g. lengths=[8192,32768])")
-        key, raw = item.split("=", 1)
-        node = cfg
-        parts = key.strip().lstrip("+").split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise BenchConfigError(f"override {key!r}: {part!r} is not a config section of conf/bench.yaml")
-            node = node[part]
-        if parts[-1] not in node:
-            raise BenchConfigError(f"override {key!r}: no key {parts[-1]!r}; known: {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return cfg
-
-
-def load_plain_config(overrides: Sequence[str], path: Path = CONF_DIR / "bench.yaml") -> dict[str, Any]:
-    if not path.is_file():
-        raise UserFileNotFoundError(f"bench config {path} not found; run from a flux checkout (conf/bench.yaml)")
-    with open(path) as fh:
-        cfg = yaml.safe_load(fh)
-    return validate_config(apply_overrides(cfg, overrides))
+        node = OmegaConf.select(cfg, key, default=None)
+        if isinstance(node, DictConfig) and len(node):
+            raise BenchConfigError(f"override {item!r}: {key!r} is a config section; set one of its keys instead, "
+                                   f"e.g. {key}.{next(iter(node))}=...")
+        if isinstance(node, DictConfig):  # an empty map of free-form settings (e.g. patterns.params): fill it
+            with open_dict(cfg):
+                cfg.merge_with(OmegaConf.from_dotlist([item]))
+            continue
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as err:
+            reason = str(err.msg).splitlines()[0]
+            raise BenchConfigError(f"override {item!r}: conf/bench.yaml has no key {key!r} ({reason})") from None
+    return validate_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("lengths", "batch_sizes"):
-        if not cfg[key] or any(int(x) < 1 for x in cfg[key]):
+        values = cfg[key]
+        if not isinstance(values, list) or not values or any(not isinstance(x, int) or x < 1 for x in values):
             raise BenchConfigError(f"{key}={cfg[key]} must be a non-empty list of positive integers")
     if cfg["patterns"]["enabled"]:
         from flux.bench_patterns import PatternBenchError, check_patterns_config
@@ -534,7 +537,7 @@ def _hydra_main(argv: list[str]) -> None:
 
     sys.argv = [sys.argv[0], *argv]
 
-    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="bench")
+    @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name="bench")
     @report_user_errors
     def _entry(conf) -> None:
         run(OmegaConf.to_container(conf, resolve=True))

@@ -18,16 +18,17 @@ from flux import viz
 from flux.errors import ArgumentParser, ConfigError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
-SHIPPED_ROUTER = REPO / "experiments" / "smollm2_8k" / "router"
+SHIPPED_ROUTER = REPO / "experiments" / "smollm2_8k" / "router"  # present in a checkout, not in an installed wheel
 TASKS = ["niah_single", "kv_lookup", "variable_tracking", "fwe", "continuation", "summary_like"]
 
 
 def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    from flux.conf import CONFIG_MODULE
+
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
@@ -47,6 +48,7 @@ def run(argv: list[str] | None = None) -> None:
 
     from flux.evaluate import evaluate
     from flux.train import run as train
+    from flux.train import summary_text
 
     # The demo's prompts (512-768 tokens) need a window far below the default (StreamingPattern's), or SA would see
     # every token. These are the shipped router's values; every router runs its own pattern (its router.json) anyway.
@@ -56,7 +58,9 @@ def run(argv: list[str] | None = None) -> None:
         f"trainer.max_steps={args.steps}", "logger=csv", f"output_dir={out / 'train'}", f"data.tasks=[{','.join(TASKS)}]",
         "data.n_train=2", "data.n_val=1", "data.length_tokens=512", "data.max_tokens=768", "data.batch_size=2",
         "objective.ramp_steps=4", "objective.target=0.5", "checkpoint_every=4", "routing_map_every=4",
+        "trainer.val_check_interval=4",
         "router.lr=5e-3"]))
+    print(summary_text(trained))
     routers = {"router": trained["router_dir"]}
     if (SHIPPED_ROUTER / "router.safetensors").is_file():
         routers["shipped_router"] = str(SHIPPED_ROUTER)

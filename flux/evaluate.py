@@ -30,13 +30,13 @@ from tqdm import tqdm
 
 from flux.attention.patterns import SparsePattern, pattern_from_description
 from flux.backbone import backbone_max_positions, load_backbone
-from flux.configs import build
+from flux.conf import CONFIG_PATH
+from flux.configs import build, build_pattern
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.errors import ConfigError, report_user_errors, run_cli
 from flux.evals import PerplexityTask, aggregate, build_results, make_record, write_results
 from flux.evals.progress import EvalProgress
 from flux.evals.results import record_from_line
-from flux.lit import check_router_files, load_router
 from flux.model import FluxModel
 from flux.preflight import (
     check_device,
@@ -45,7 +45,7 @@ from flux.preflight import (
     check_writable_file,
     warn_if_window_covers,
 )
-from flux.train import build_pattern
+from flux.router import check_router_files, load_router
 
 ROUTING_MODES = ("dense", "sparse", "router", "static", "first_dense", "random")
 # Keys of the config that only say where results go: a resumed run may change them.
@@ -200,7 +200,7 @@ def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None) -> 
     backbone = load_backbone(**backbone_params)
     router = None
     if mode == "router":
-        router = load_router(cfg.routing.checkpoint, backbone.name, backbone.num_layers)[0].to(backbone.device)
+        router = load_router(cfg.routing.checkpoint, backbone)[0].to(backbone.device)
     fm = FluxModel(backbone, pattern=pattern, fa_backend=cfg.attention.fa_backend,
                    sa_backend=cfg.attention.sa_backend, router=router)
     routing = OmegaConf.to_container(cfg.routing, resolve=True)
@@ -316,7 +316,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"{'summary':<46}{s['score']:>8.3f}{s['sparsity']:>10.3f}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 @report_user_errors
 def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)

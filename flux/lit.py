@@ -1,25 +1,22 @@
 """Lightning glue: FluxLitModule trains only the router (and the Lagrange multipliers) on a frozen backbone.
 
 Checkpoints hold the router, lambdas, optimiser states and step, never the backbone (it is rebuilt from its source at
-resume), and are written through `AtomicCheckpointIO` (temp file + rename), so a crash loses at most the steps since
-the last checkpoint and never leaves a truncated file.
+resume), and are written through `AtomicCheckpointIO` (flux.atomic: temp file, fsync, rename), so a crash loses at most
+the steps since the last checkpoint and never leaves a truncated file.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
-from flux.errors import FluxUserError
+from flux.atomic import atomic_open, remove_stale_temps
 from flux.model import FluxModel
 from flux.objectives import (
     SparsityConstraint,
@@ -29,27 +26,27 @@ from flux.objectives import (
     sample_sparsity,
 )
 from flux.resume import check_backbone, remap_tasks
-from flux.router import LayerRouter, RouterConfig, RouterPlan, cosine_tau, router_config_dict
+from flux.router import LayerRouter, RouterPlan, cosine_tau, router_config_dict
 
 BACKBONE_PREFIX = "flux_model."
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file in the target folder, fsync, then os.replace: all or nothing."""
+    """torch.save through flux.atomic: hidden temp file, fsync, rename, folder fsync, mode 0644, so a crash never
+    leaves a truncated checkpoint. At its first save into a folder it removes the temp files of checkpoints that a
+    killed run (SIGKILL, power loss) was writing there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if target.parent not in self._swept:
+            remove_stale_temps(target.parent, "*.ckpt")
+            self._swept.add(target.parent)
+        with atomic_open(target) as f:
+            torch.save(checkpoint, f)
 
 
 class FluxLitModule(L.LightningModule):
@@ -73,7 +70,8 @@ class FluxLitModule(L.LightningModule):
         cosine_tau(0, 1, tau_start, tau_end, tau_fraction)  # a bad temperature fails here, not after data setup
         self.automatic_optimization = False
         self.strict_loading = False
-        self.last_routing: list[dict[str, Any]] = []
+        self.last_routing: list[dict[str, Any]] = []  # the last training batch, as routing.jsonl records
+        self.val_routing: list[dict[str, Any]] = []  # every sample of the current validation pass
         self.val_score = MeanMetric()
         self.val_sparsity = MeanMetric()
         if gradient_checkpointing:
@@ -148,8 +146,11 @@ class FluxLitModule(L.LightningModule):
         for i in range(self.flux_model.num_layers):
             logs[f"train/layer_sparsity/{i:02d}"] = out.decisions[:, i].float().mean()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=b)
-        self._remember(batch, out.decisions, out.gates)
+        self.last_routing = self._routing_records(batch, out.decisions, out.gates)
         return total.detach()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_routing = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.router.eval()
@@ -166,17 +167,32 @@ class FluxLitModule(L.LightningModule):
             if bool(sel.any()):
                 self.log(f"val/sparsity/{name}", sparsity[sel].mean(), on_epoch=True, batch_size=int(sel.sum()),
                          sync_dist=True)
-        self._remember(batch, out.decisions, None)
+        self.val_routing += self._routing_records(batch, out.decisions, None, first_id=len(self.val_routing))
 
-    def _remember(self, batch: dict[str, Any], decisions: torch.Tensor, gates: torch.Tensor | None) -> None:
-        """Keep the last batch's routing as records (the routing.jsonl format) for the heatmap callback."""
+    def _routing_records(self, batch: dict[str, Any], decisions: torch.Tensor, gates: torch.Tensor | None,
+                         first_id: int = 0) -> list[dict[str, Any]]:
+        """A batch's routing as routing.jsonl records (score null: nothing is scored here), for the heatmaps."""
         tasks = batch.get("tasks") or [self.tasks[int(k)] for k in batch["task_ids"]]
-        self.last_routing = [
-            {"id": str(i), "task": tasks[i], "task_type": self.task_types.get(tasks[i], "retrieval"),
+        return [
+            {"id": str(first_id + i), "task": tasks[i], "task_type": self.task_types.get(tasks[i], "retrieval"),
              "length": int(batch["attention_mask"][i].sum()),
              "decisions": decisions[i].int().tolist(),
              "gates": gates[i].float().tolist() if gates is not None else None, "score": None}
             for i in range(decisions.shape[0])]
+
+    def training_summary(self) -> dict[str, Any]:
+        """How training ended, for router.json, the model card and the end-of-run printout: steps, final loss, and Ω
+        per task against its target. Ω comes from the last validation pass when there was one (every validation
+        sample counts), else from each task's last training batch."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        val = {t: metrics[f"val/sparsity/{t}"] for t in self.tasks if f"val/sparsity/{t}" in metrics}
+        train = {t: metrics[f"train/sparsity/{t}"] for t in self.tasks if f"train/sparsity/{t}" in metrics}
+        sparsity, source = (val, "last validation pass") if val else (train, "last training batch of each task")
+        return {"steps": self.global_step, "tasks": self.tasks,
+                "task_types": {t: self.task_types.get(t, "retrieval") for t in self.tasks},
+                "targets": {t: self.target.target(t, self.global_step) for t in self.tasks},
+                "sparsity": sparsity, "sparsity_source": source, "final_loss": metrics.get("train/loss"),
+                "final_metrics": metrics}
 
     def configure_optimizers(self):
         router_opt = torch.optim.AdamW(self.router.parameters(), lr=self.router_lr, weight_decay=self.weight_decay)
@@ -204,53 +220,3 @@ class FluxLitModule(L.LightningModule):
             for group in state.get("param_groups", []):
                 group.update(values)
 
-
-def export_router(router: LayerRouter, out_dir: str | Path, backbone: str, pattern: dict[str, Any],
-                  summary: dict[str, Any] | None = None) -> Path:
-    """Write router.safetensors + router.json (enough to rebuild and run the router without Lightning)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".router.", dir=out)
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, out / "router.safetensors")
-    meta = {"backbone": backbone, "num_layers": router.num_layers, "head_dim": router.head_dim,
-            "sparse": pattern, "router": router_config_dict(router), "training": summary or {}}
-    (out / "router.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-class RouterCheckpointError(FluxUserError):
-    """A router checkpoint is missing, malformed, or made for another backbone."""
-
-
-def check_router_files(path: str | Path | None) -> tuple[Path, Path]:
-    """(weights, metadata) paths of an exported router (its folder or its router.safetensors), or a clear error."""
-    if not path:
-        raise RouterCheckpointError("a router is needed but no checkpoint was given; pass routing.checkpoint=PATH "
-                                    "(a folder with router.safetensors and router.json, as written by flux.train)")
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    weights, meta_path = folder / "router.safetensors", folder / "router.json"
-    if not weights.is_file() or not meta_path.is_file():
-        raise RouterCheckpointError(f"router checkpoint {str(path)!r} needs router.safetensors and router.json in "
-                                    f"{folder}; export one with flux.train (it writes both at the end)")
-    return weights, meta_path
-
-
-def load_router(path: str | Path, backbone_name: str | None = None, num_layers: int | None = None
-                ) -> tuple[LayerRouter, dict[str, Any]]:
-    """Load an exported router (folder or router.safetensors path); checks backbone and layer count when given."""
-    weights, meta_path = check_router_files(path)
-    meta = json.loads(meta_path.read_text())
-    if backbone_name is not None and meta.get("backbone") != backbone_name:
-        raise RouterCheckpointError(f"router {str(path)!r} was trained for backbone {meta.get('backbone')!r}, not "
-                                    f"{backbone_name!r}; use the matching backbone or retrain the router")
-    if num_layers is not None and meta.get("num_layers") != num_layers:
-        raise RouterCheckpointError(f"router {str(path)!r} routes {meta.get('num_layers')} layers but the backbone "
-                                    f"has {num_layers}; it belongs to another model")
-    cfg = {k: v for k, v in meta["router"].items() if k not in ("num_layers", "head_dim")}
-    router = LayerRouter(meta["num_layers"], meta["head_dim"], RouterConfig(**cfg))
-    router.load_state_dict(load_file(str(weights)))
-    return router.eval(), meta

@@ -13,14 +13,28 @@ later layer's decision at once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import ModelHubMixin
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flux.atomic import write_files_atomically
+from flux.backbone import Backbone, architecture
 from flux.errors import FluxUserError
+from flux.evals.results import validate_results
+from flux.hub import fetch_folder, split_hub_id
 from flux.plan import LayerDecision, Plan
+from flux.router_card import PAPER as PAPER_URL
+from flux.router_card import render_router_card
 
 POOLING = ("first_last", "mean")
 
@@ -126,11 +140,41 @@ def gumbel_straight_through(logits: torch.Tensor, tau: float, generator: torch.G
     return hard - soft.detach() + soft, soft
 
 
-class LayerRouter(nn.Module):
-    """One router per layer (kind='per_layer') or one global router (kind='global')."""
+@dataclass
+class RouterCard:
+    """What a router's files say besides its weights: the backbone it reads (name, fingerprint, architecture), the
+    sparse pattern it was trained with, how training ended, and an evaluation (a results.json) when one is attached.
+    It becomes router.json and the model card."""
+
+    backbone: str
+    backbone_fingerprint: str | None
+    backbone_architecture: dict[str, Any] | None
+    sparse: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, sparse: dict[str, Any], training: dict[str, Any] | None = None,
+                     evaluation: dict[str, Any] | None = None) -> RouterCard:
+        return cls(backbone.name, backbone.fingerprint, architecture(backbone.config), dict(sparse),
+                   dict(training or {}), evaluation)
+
+
+class LayerRouter(nn.Module, ModelHubMixin, library_name="flux", paper_url=PAPER_URL,
+                  tags=["flux-attention", "layer-router", "sparse-attention"]):
+    """One router per layer (kind='per_layer') or one global router (kind='global').
+
+    Saved and loaded in huggingface_hub's ModelHubMixin conventions: `save_pretrained(folder)`, `push_to_hub(repo_id)`
+    and `LayerRouter.from_pretrained(folder or "org/name")`. The folder is the one export_router writes and
+    load_router reads (router.safetensors, router.json, and a README.md model card); router.json takes the place of
+    the mixin's config.json. Saving needs `card` (set by export_router and by loading).
+    """
 
     def __init__(self, num_layers: int, head_dim: int, config: RouterConfig | None = None, **overrides) -> None:
         super().__init__()
+        self._hub_mixin_config = None  # router.json, written by _save_pretrained, is the config; no config.json
+        self.card: RouterCard | None = None
+        self._card_repo_id: str | None = None
         self.config = config or RouterConfig(**overrides)
         self.num_layers, self.head_dim = num_layers, head_dim
         cfg = self.config
@@ -172,6 +216,38 @@ class LayerRouter(nn.Module):
 
     def as_plan(self, threshold: float | None = None, generator: torch.Generator | None = None) -> RouterPlan:
         return RouterPlan(self, threshold=threshold, generator=generator)
+
+    # -- ModelHubMixin ------------------------------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        write_router_files(self, save_directory, self._card_repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """ModelHubMixin.push_to_hub (create the repo, save into a temp folder, upload it in one commit), with the repo
+        id written into the model card's usage lines."""
+        self._card_repo_id = repo_id
+        try:
+            return super().push_to_hub(repo_id, **kwargs)
+        finally:
+            self._card_repo_id = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        backbone: Backbone | None = None) -> LayerRouter:
+        """A router from a local folder or a Hub id (`org/name`, `org/name@revision`), checked against `backbone`
+        when given; `router.card` holds its router.json. Same as `load_router(...)[0]`."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, backbone=backbone)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         backbone: Backbone | None = None) -> LayerRouter:
+        router, _ = load_router(model_id, backbone, revision=revision, cache_dir=cache_dir,
+                                force_download=force_download, local_files_only=local_files_only, token=token)
+        return router
 
 
 class RouterPlan(Plan):
@@ -271,3 +347,174 @@ def cosine_tau(step: int, total_steps: int, tau_start: float = 1.5, tau_end: flo
 
 def router_config_dict(router: LayerRouter) -> dict:
     return {**asdict(router.config), "num_layers": router.num_layers, "head_dim": router.head_dim}
+
+
+# -- router files: router.safetensors + router.json ------------------------------------------------------------
+#
+# An exported router is a folder with router.safetensors (the MLP weights, float32), router.json (how to rebuild the
+# router, which backbone it reads, the sparse pattern it was trained with, a training summary, an optional
+# evaluation) and README.md (the model card rendered from router.json, for the Hub). That is enough to run it without
+# Lightning. router.json records the backbone's architecture and its fingerprint, checked
+# when the router is loaded onto a backbone, and the sha256 of router.safetensors, so a folder whose two files come
+# from different exports (an export killed between its two renames) is refused instead of silently mixed.
+
+WEIGHTS_FILE = "router.safetensors"
+META_FILE = "router.json"
+CARD_FILE = "README.md"
+META_REQUIRED = ("backbone", "num_layers", "head_dim", "router")
+REEXPORT = "export it again (flux.train writes both files at the end of training) or fetch it again"
+
+
+class RouterCheckpointError(FluxUserError):
+    """A router checkpoint is missing, unreadable, corrupt, or made for another backbone."""
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def router_meta(router: LayerRouter) -> dict[str, Any]:
+    """router.json's content (without the weights' digest, added when the weights are written)."""
+    card = router.card
+    if card is None:
+        raise RouterCheckpointError("this router has no card (backbone, sparse pattern); export it with "
+                                    "export_router(router, folder, backbone, pattern) or set "
+                                    "router.card = RouterCard.for_backbone(backbone, pattern.describe())")
+    evaluation = validate_results(card.evaluation, "router evaluation") if card.evaluation is not None else None
+    return {"backbone": card.backbone, "backbone_fingerprint": card.backbone_fingerprint,
+            "backbone_architecture": card.backbone_architecture, "num_layers": router.num_layers,
+            "head_dim": router.head_dim, "sparse": card.sparse, "router": router_config_dict(router),
+            "training": card.training, "evaluation": evaluation}
+
+
+def write_router_files(router: LayerRouter, out_dir: str | Path, repo_id: str | None = None) -> Path:
+    """router.safetensors, router.json and the README.md model card, written as a set, each all or nothing
+    (flux.atomic), mode 0644; temp files that an earlier, killed export left there are removed first."""
+    out = Path(out_dir)
+    meta = router_meta(router)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        meta["weights_sha256"] = file_sha256(tmp)
+
+    def write_meta(tmp: Path) -> None:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    def write_card(tmp: Path) -> None:
+        tmp.write_text(render_router_card(meta, repo_id), encoding="utf-8")
+
+    write_files_atomically({out / WEIGHTS_FILE: write_weights, out / META_FILE: write_meta, out / CARD_FILE: write_card})
+    return out
+
+
+def export_router(router: LayerRouter, out_dir: str | Path, backbone: Backbone, pattern: dict[str, Any],
+                  summary: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None) -> Path:
+    """Describe the router (its card: backbone, sparse pattern, training summary, optional results.json) and save it
+    into `out_dir` (router.safetensors + router.json + README.md), ready for load_router or push_to_hub."""
+    router.card = RouterCard.for_backbone(backbone, pattern, summary, evaluation)
+    router.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def check_router_files(path: str | Path | None, revision: str | None = None, **download: Any) -> tuple[Path, Path]:
+    """(weights, metadata) paths of an exported router: its local folder, its router.safetensors, or a Hub id
+    (`org/name`, `org/name@revision`) fetched into the Hub cache; a clear error otherwise."""
+    if not path:
+        raise RouterCheckpointError("a router is needed but no checkpoint was given; pass routing.checkpoint=PATH "
+                                    "(a folder with router.safetensors and router.json, as written by flux.train, or "
+                                    "a Hub id org/name)")
+    p = Path(path).expanduser()
+    if not p.exists() and split_hub_id(str(path)) is not None:
+        p = fetch_folder(str(path), "router", [WEIGHTS_FILE, META_FILE], RouterCheckpointError, revision, **download)
+    folder = p if p.is_dir() else p.parent
+    weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
+    if not weights.is_file() or not meta_path.is_file():
+        raise RouterCheckpointError(f"router checkpoint {str(path)!r} needs router.safetensors and router.json in "
+                                    f"{folder}; export one with flux.train (it writes both at the end)")
+    return weights, meta_path
+
+
+def read_router_meta(meta_path: Path) -> dict[str, Any]:
+    """router.json, checked for the keys a router is rebuilt from."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise RouterCheckpointError(f"cannot read {meta_path} ({err}); {REEXPORT}") from None
+    except json.JSONDecodeError as err:
+        raise RouterCheckpointError(f"{meta_path} is not valid JSON ({err.msg} at line {err.lineno}): the file is "
+                                    f"empty, truncated or corrupt; {REEXPORT}") from None
+    missing = [k for k in META_REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise RouterCheckpointError(f"{meta_path} lacks {missing}; it is not a router.json written by flux; {REEXPORT}")
+    return meta
+
+
+def check_router_backbone(meta: dict[str, Any], backbone: Backbone, source: str) -> None:
+    """The router reads this backbone's query states: same architecture (fingerprint), layer count and head size."""
+    trained_on, stored = meta["backbone"], meta.get("backbone_fingerprint")
+    if stored is not None and stored != backbone.fingerprint:
+        ours = architecture(backbone.config)
+        theirs = meta.get("backbone_architecture") or {}
+        diff = ", ".join(f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+        raise RouterCheckpointError(
+            f"router {source!r} was trained for backbone {trained_on!r} (fingerprint {stored}), not for "
+            f"{backbone.name!r} (fingerprint {backbone.fingerprint}): {diff}; load it onto the backbone it was "
+            "trained for, or train a router for this one")
+    if stored is None and trained_on != backbone.name:
+        raise RouterCheckpointError(f"router {source!r} was trained for backbone {trained_on!r}, not "
+                                    f"{backbone.name!r}; use the matching backbone or retrain the router")
+    if trained_on != backbone.name:
+        warnings.warn(f"router {source!r} was trained on {trained_on!r} and is loaded onto {backbone.name!r}, a model "
+                      "of the same architecture (fingerprint); its decisions are only as good as the two models agree",
+                      stacklevel=3)
+    if meta["num_layers"] != backbone.num_layers:
+        raise RouterCheckpointError(f"router {source!r} routes {meta['num_layers']} layers but the backbone has "
+                                    f"{backbone.num_layers}; it belongs to another model")
+    if meta["head_dim"] != backbone.head_dim:
+        raise RouterCheckpointError(f"router {source!r} reads query states of head size {meta['head_dim']} but the "
+                                    f"backbone's heads have size {backbone.head_dim}; it belongs to another model")
+
+
+def load_router(path: str | Path, backbone: Backbone | None = None, *, revision: str | None = None,
+                **download: Any) -> tuple[LayerRouter, dict[str, Any]]:
+    """Load an exported router in eval mode, with its router.json: a local folder (or its router.safetensors), or a
+    Hub id `org/name` / `org/name@revision` (`download` goes to huggingface_hub: cache_dir, token, force_download,
+    local_files_only). A local path always wins, so local folders work offline.
+
+    With `backbone`, the router must have been trained for it (fingerprint, layer count, head size). Every problem
+    with the files (missing, empty, truncated, corrupt, from two different exports, an unreachable Hub id) is one
+    RouterCheckpointError that names the file or id.
+    """
+    weights, meta_path = check_router_files(path, revision, **download)
+    meta = read_router_meta(meta_path)
+    if backbone is not None:
+        check_router_backbone(meta, backbone, str(path))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise RouterCheckpointError(f"{weights} is not a readable safetensors file ({err}): the file is empty, "
+                                    f"truncated or corrupt; {REEXPORT}") from None
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and file_sha256(weights) != recorded:
+        raise RouterCheckpointError(f"{weights} is not the file {meta_path} was written with (its sha256 differs): an "
+                                    f"export was interrupted between the two files, or one was replaced; {REEXPORT}")
+    try:
+        cfg = {k: v for k, v in meta["router"].items() if k not in ("num_layers", "head_dim")}
+        router = LayerRouter(meta["num_layers"], meta["head_dim"], RouterConfig(**cfg))
+    except (TypeError, AttributeError, RouterConfigError) as err:
+        raise RouterCheckpointError(f"{meta_path} holds router settings flux cannot build ({err}); {REEXPORT}"
+                                    ) from None
+    try:
+        router.load_state_dict(state)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise RouterCheckpointError(f"{weights} does not fit the router {meta_path} describes ({reason:.300}); "
+                                    f"the two files come from different routers; {REEXPORT}") from None
+    router.card = RouterCard(meta["backbone"], meta.get("backbone_fingerprint"), meta.get("backbone_architecture"),
+                             meta.get("sparse") or {}, meta.get("training") or {}, meta.get("evaluation"))
+    return router.eval(), meta

@@ -15,19 +15,19 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from flux.attention.patterns import get_pattern
-from flux.backbone import load_backbone
-from flux.callbacks import ExportRouterCallback, RoutingMapCallback
-from flux.configs import build
+from flux.callbacks import ExportRouterCallback, FluxProgressBar, RoutingMapCallback
+from flux.conf import CONFIG_PATH
+from flux.configs import build, build_backbone, build_pattern
 from flux.errors import ConfigError, report_user_errors, run_cli, warn
-from flux.lit import AtomicCheckpointIO, FluxLitModule, export_router
+from flux.lit import AtomicCheckpointIO, FluxLitModule
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
 from flux.preflight import check_sa_backend, check_writable_dir, warn_if_window_covers
 from flux.resume import check_backbone, check_pattern, check_router, check_tasks, read_checkpoint
-from flux.router import LayerRouter, RouterConfig
+from flux.router import LayerRouter, RouterConfig, export_router
 from flux.tracking import build_logger, close_loggers, log_config
 
 # Two Lightning warnings that describe flux's design, not a problem: the frozen backbone stays in eval mode (no
@@ -36,20 +36,6 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 ROUTER_KEYS = ("kind", "pool_size", "hidden", "init_fa_bias", "pooling", "read_layer", "threshold")
-
-
-def build_pattern(cfg: DictConfig):
-    """The configured sparse pattern; a null parameter keeps the pattern class's own default (the one documented
-    default: StreamingPattern's sink and window, the paper's)."""
-    params = {k: v for k, v in OmegaConf.to_container(cfg.sparse, resolve=True).items()
-              if k != "name" and v is not None}
-    return get_pattern(cfg.sparse.name, **params)
-
-
-def build_backbone(cfg: DictConfig):
-    params = OmegaConf.to_container(cfg.backbone, resolve=True)
-    params.pop("description", None)
-    return load_backbone(**params)
 
 
 def router_config(cfg: DictConfig) -> RouterConfig:
@@ -63,6 +49,16 @@ def build_router(cfg: DictConfig, num_layers: int, head_dim: int) -> LayerRouter
     return LayerRouter(num_layers, head_dim, router_config(cfg))
 
 
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Logger] | bool:
+    """The configured logger (one run per sweep job: flux.tracking), plus Lightning's CSVLogger under
+    <output_dir>/csv when the configured one is another (W&B): every run then leaves a metrics.csv that the
+    notebooks read. `logger=none` logs nothing."""
+    logger = build_logger(cfg)
+    if not logger:
+        return False
+    return [logger] if isinstance(logger, CSVLogger) else [logger, CSVLogger(save_dir=str(out_dir), name="csv")]
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, pattern_info: dict[str, Any]) -> L.Trainer:
     callbacks: list[L.Callback] = []
     if cfg.checkpoint_every is not None:  # null: no checkpoints (and nothing to resume from)
@@ -72,11 +68,51 @@ def build_trainer(cfg: DictConfig, out_dir: Path, pattern_info: dict[str, Any]) 
     callbacks += [
         RoutingMapCallback(str(out_dir / "routing_maps"), every_n_steps=int(cfg.routing_map_every)),
         ExportRouterCallback(str(out_dir / "router"), pattern_info),
-        L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1),
+        FluxProgressBar(refresh_rate=1),
     ]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return build(trainer_cfg, logger=build_logger(cfg), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                 default_root_dir=str(out_dir))
+    return build(trainer_cfg, logger=build_loggers(cfg, out_dir), callbacks=callbacks,
+                 plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir))
+
+
+def log_locations(trainer: L.Trainer) -> list[str]:
+    """Where this run's logs are, one line each, for the end-of-run summary."""
+    lines = []
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            lines.append(f"metrics.csv  {Path(logger.log_dir) / 'metrics.csv'}")
+        elif isinstance(logger, WandbLogger):
+            run = logger.experiment
+            run_dir = Path(run.dir).parent  # the run folder; .dir is its files/ subfolder
+            lines.append(f"W&B run      {run_dir}" + (f"  (offline; upload with: wandb sync {run_dir})"
+                                                      if run.offline else f"  {run.url}"))
+        else:
+            lines.append(f"{type(logger).__name__}  {logger.log_dir}")
+    return lines
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """The few lines a run ends with: steps, final loss, Ω per task against its target, and where everything is."""
+    s = result["summary"]
+    loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "n/a"
+    lines = [f"flux.train: {s['steps']} steps, final loss {loss}",
+             f"sparsity Ω per task ({s['sparsity_source']}) vs target:"]
+    for task in s["tasks"]:
+        omega = f"{s['sparsity'][task]:.2f}" if task in s["sparsity"] else " n/a"
+        lines.append(f"  {task:<24} {s['task_types'][task]:<10} Ω {omega}  target {s['targets'][task]:.2f}")
+    reached = [s["sparsity"][t] for t in s["tasks"] if t in s["sparsity"]]
+    if reached:
+        mean = sum(reached) / len(reached)
+        goal = sum(s["targets"][t] for t in s["tasks"] if t in s["sparsity"]) / len(reached)
+        lines.append(f"  {'mean':<35} Ω {mean:.2f}  target {goal:.2f}")
+        if abs(mean - goal) > 0.1:
+            lines.append("  Ω is still far from its target: train longer (trainer.max_steps), or let the "
+                         "multipliers move faster (objective.lambda_lr)")
+    lines.append(f"router       {result['router_dir']}  (router.safetensors, router.json, README.md)")
+    lines += result["logs"]
+    lines.append(f"checkpoints  {Path(result['output_dir']) / 'checkpoints'}   routing maps  "
+                 f"{Path(result['output_dir']) / 'routing_maps'}")
+    return "\n".join(lines)
 
 
 def _positive_steps(value: Any, key: str, fix: str) -> None:
@@ -163,7 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if point is not None and 0 < max_steps <= point.step:
         router.load_state_dict(point.router_state)
         summary = {"steps": point.step, "tasks": point.tasks, "final_metrics": {}}
-        export_router(router, out_dir / "router", backbone.name, pattern.describe(), summary)
+        export_router(router, out_dir / "router", backbone, pattern.describe(), summary)
         return {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": {},
                 "global_step": point.step, "steps_this_run": 0, "exported": True, "resumed_from": point.step,
                 "note": f"{point.path} is already at step {point.step} >= trainer.max_steps={max_steps}: nothing "
@@ -197,7 +233,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     export = next(c for c in trainer.callbacks if isinstance(c, ExportRouterCallback))
     result = {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": metrics,
               "global_step": trainer.global_step, "steps_this_run": trainer.global_step - start,
-              "exported": export.exported, "resumed_from": point.step if point is not None else None}
+              "exported": export.exported, "resumed_from": point.step if point is not None else None,
+              "summary": module.training_summary(), "logs": log_locations(trainer),
+              "is_global_zero": trainer.is_global_zero}
     if trainer.interrupted:
         last = out_dir / "checkpoints" / "last.ckpt"
         result["note"] = (f"training was interrupted at step {trainer.global_step}; no router exported"
@@ -217,10 +255,13 @@ def summary_line(result: dict[str, Any]) -> str:
     return f"router exported to {result['router_dir']} after {steps}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_user_errors
 def hydra_main(cfg: DictConfig) -> None:
-    print(summary_line(run(cfg)))
+    result = run(cfg)
+    if result["is_global_zero"] and result["exported"] and "note" not in result:
+        print(summary_text(result))  # under DDP every rank runs main; one summary is enough
+    print(summary_line(result))
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ through ``pyplot``, so nothing depends on the active backend (Agg on servers, in
 and no global figure registry grows during a long training run. The same functions serve the notebooks and the
 W&B routing-map callback, so a figure looks the same in both places.
 
-Inputs are validated before drawing: bad files raise :class:`VizInputError` (a ``ValueError``) or
-:class:`VizFileNotFoundError` (a ``FileNotFoundError``) with one message that names the file and the fix.
+Files are read and checked through :mod:`flux.evals.results`, the one schema for results, routing and bench files,
+so what flux.evaluate writes and what a figure accepts cannot drift apart. Bad input raises one message that names
+the file and the fix: a schema error (:class:`~flux.evals.results.ResultsFormatError`; :class:`VizInputError`, a
+subclass, for what only a figure can judge, such as the wrong layer count) or :class:`VizFileNotFoundError`.
 Notebooks catch :data:`INPUT_ERRORS` to print that message instead of a matplotlib traceback.
 """
 
@@ -28,18 +30,34 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from flux.errors import FluxUserError, UserFileNotFoundError
-from flux.jsonl import iter_json_objects
+from flux.errors import UserFileNotFoundError
+from flux.evals.base import EvalDataError
+from flux.evals.results import (
+    BENCH_FILE,
+    BENCH_PHASES,
+    RESULTS_FILE,
+    ROUTING_FILE,
+    ResultsFormatError,
+    check_routing_record,
+    read_bench,
+    read_results,
+    read_routing,
+    validate_bench,
+    validate_results,
+)
 
 __all__ = [
     "FA_COLOR",
     "INPUT_ERRORS",
     "SA_COLOR",
     "RoutingRecord",
+    "RunFiles",
     "VizFileNotFoundError",
     "VizInputError",
     "as_records",
+    "find_run_files",
     "layer_fa_probability",
+    "length_buckets",
     "load_bench",
     "load_metrics",
     "load_results",
@@ -52,12 +70,10 @@ __all__ = [
     "speedup_vs_length",
     "task_colors",
     "training_curves",
-    "validate_bench",
-    "validate_results",
 ]
 
 
-class VizInputError(FluxUserError):
+class VizInputError(ResultsFormatError):
     """An input file or record that cannot be plotted; the message names it and says how to fix it."""
 
 
@@ -65,7 +81,9 @@ class VizFileNotFoundError(UserFileNotFoundError):
     """An expected output file is missing; the message says which command writes it."""
 
 
-INPUT_ERRORS: tuple[type[Exception], ...] = (VizInputError, VizFileNotFoundError)
+# What a notebook catches to print one line instead of a traceback: flux's file schema errors (VizInputError is one),
+# unreadable files, and missing ones.
+INPUT_ERRORS: tuple[type[Exception], ...] = (ResultsFormatError, EvalDataError, VizFileNotFoundError)
 
 # Fixed colours so a reader can compare figures at a glance: FA is always blue, SA always orange.
 FA_COLOR = "#2f5d8a"
@@ -78,8 +96,6 @@ ROUTING_STYLES: dict[str, tuple[str, str]] = {
     "first_dense": ("#9467bd", "^"),
     "random": ("#8c8c8c", "o"),
 }
-TASK_TYPES = ("retrieval", "holistic")
-BENCH_PHASES = ("prefill", "decode")
 
 _STYLE = {
     "font.size": 9,
@@ -142,56 +158,26 @@ class RoutingRecord:
         return 1.0 - np.asarray(self.decisions, dtype=float)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _parse_record(raw: object, where: str) -> RoutingRecord:
-    """Check one routing record against the routing.jsonl format; ``where`` names it in error messages."""
-    if not isinstance(raw, Mapping):
-        raise VizInputError(f"{where}: expected a JSON object per line, got {type(raw).__name__}")
-    missing = [k for k in ("id", "task", "task_type", "length", "decisions") if k not in raw]
-    if missing:
-        raise VizInputError(f"{where}: missing key(s) {missing}; routing records need id, task, task_type, "
-                            "length, decisions (and optional gates, score)")
-    task_type = raw["task_type"]
-    if task_type not in TASK_TYPES:
-        raise VizInputError(f"{where}: task_type={task_type!r} is not one of {TASK_TYPES}")
-    length = raw["length"]
-    if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
-        raise VizInputError(f"{where}: length={length!r} must be a positive int (tokens in the sample)")
-    decisions = raw["decisions"]
-    if not isinstance(decisions, list | tuple) or not decisions:
-        raise VizInputError(f"{where}: decisions must be a non-empty list with one 0/1 per layer, got {decisions!r}")
-    if any(d not in (0, 1) for d in decisions):
-        raise VizInputError(f"{where}: decisions must hold only 0 (FA) or 1 (SA), got {list(decisions)!r}")
-    gates = raw.get("gates")
-    if gates is not None:
-        if not isinstance(gates, list | tuple) or len(gates) != len(decisions):
-            raise VizInputError(f"{where}: gates must be null or a list with one FA probability per layer "
-                                f"({len(decisions)} layers), got {gates!r}")
-        if any(not _is_number(g) or not 0.0 <= g <= 1.0 for g in gates):
-            raise VizInputError(f"{where}: gates must be probabilities in [0, 1], got {list(gates)!r}")
-    score = raw.get("score")
-    if score is not None and not _is_number(score):
-        raise VizInputError(f"{where}: score must be a number or null, got {score!r}")
+    """Check one routing record against the routing.jsonl schema (flux.evals.results); ``where`` names it."""
+    check_routing_record(raw, where)
     return RoutingRecord(
-        id=str(raw["id"]),
-        task=str(raw["task"]),
-        task_type=task_type,
-        length=length,
-        decisions=tuple(int(d) for d in decisions),
-        gates=None if gates is None else tuple(float(g) for g in gates),
-        score=None if score is None else float(score),
+        id=raw["id"],
+        task=raw["task"],
+        task_type=raw["task_type"],
+        length=raw["length"],
+        decisions=tuple(raw["decisions"]),
+        gates=None if raw["gates"] is None else tuple(float(g) for g in raw["gates"]),
+        score=None if raw["score"] is None else float(raw["score"]),
     )
 
 
-def _check_layers(records: Sequence[RoutingRecord], wheres: Sequence[str], source: str, num_layers: int | None) -> None:
+def _check_layers(records: Sequence[RoutingRecord], source: str, num_layers: int | None) -> None:
     first = records[0].num_layers
-    for record, where in zip(records, wheres, strict=True):
+    for i, record in enumerate(records):
         if record.num_layers != first:
             raise VizInputError(
-                f"{where}: has {record.num_layers} layers but the first record of {source} has {first}; "
+                f"{source} record {i}: has {record.num_layers} layers but the first record has {first}; "
                 "one routing file must come from one backbone: keep the records of a single run per file")
     if num_layers is not None and first != num_layers:
         raise VizInputError(
@@ -202,15 +188,11 @@ def _check_layers(records: Sequence[RoutingRecord], wheres: Sequence[str], sourc
 def as_records(records: Iterable[RoutingRecord | Mapping[str, Any]], num_layers: int | None = None,
                source: str = "routing records") -> list[RoutingRecord]:
     """Validate in-memory records (dicts in the routing.jsonl format, or RoutingRecords), e.g. from a callback."""
-    parsed: list[RoutingRecord] = []
-    wheres: list[str] = []
-    for i, raw in enumerate(records):
-        where = f"{source} record {i}"
-        parsed.append(raw if isinstance(raw, RoutingRecord) else _parse_record(raw, where))
-        wheres.append(where)
+    parsed = [raw if isinstance(raw, RoutingRecord) else _parse_record(raw, f"{source} record {i}")
+              for i, raw in enumerate(records)]
     if not parsed:
         raise VizInputError(f"{source}: no routing records; evaluate with a router plan so samples are logged")
-    _check_layers(parsed, wheres, source, num_layers)
+    _check_layers(parsed, source, num_layers)
     return parsed
 
 
@@ -225,21 +207,14 @@ def _resolve(path_or_dir: str | Path, filename: str, made_by: str) -> Path:
 
 
 def load_routing(path_or_dir: str | Path, num_layers: int | None = None) -> list[RoutingRecord]:
-    """Read ``routing.jsonl`` (a file, or a run folder holding one).
+    """Read ``routing.jsonl`` (a file, or a run folder holding one) through flux.evals.results.
 
     ``num_layers`` checks that the records come from a backbone with that many layers.
     """
-    path = _resolve(path_or_dir, "routing.jsonl", "`python -m flux.evaluate` (one line per evaluated sample)")
-    parsed: list[RoutingRecord] = []
-    wheres: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for where, raw in iter_json_objects(handle, str(path), VizInputError):
-            parsed.append(_parse_record(raw, where))
-            wheres.append(where)
-    if not parsed:
-        raise VizInputError(f"{path} holds no routing records; rerun the evaluation with a router plan")
-    _check_layers(parsed, wheres, str(path), num_layers)
-    return parsed
+    path = _resolve(path_or_dir, ROUTING_FILE, "`python -m flux.evaluate` (one line per evaluated sample)")
+    records = [_parse_record(raw, f"{path} record {i}") for i, raw in enumerate(read_routing(path))]
+    _check_layers(records, str(path), num_layers)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,45 +227,11 @@ def _source_of(data: object, default: str) -> str:
     return str(data.get("source", default)) if isinstance(data, Mapping) else default
 
 
-def _require(mapping: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
-    missing = [k for k in keys if k not in mapping]
-    if missing:
-        raise VizInputError(f"{where}: missing key(s) {missing}")
-
-
-def _fraction(value: object, what: str, where: str) -> float:
-    if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
-        raise VizInputError(f"{where}: {what}={value!r} must be a number in [0, 1]")
-    return float(value)
-
-
-def validate_results(run: Mapping[str, Any], source: str = "results") -> dict[str, Any]:
-    """Check one run's results.json content; returns a plain dict copy (with ``source`` recorded)."""
-    if not isinstance(run, Mapping):
-        raise VizInputError(f"{source}: expected a JSON object, got {type(run).__name__}")
-    _require(run, ("backbone", "routing", "results", "summary"), source)
-    rows = run["results"]
-    if not isinstance(rows, list) or not rows:
-        raise VizInputError(f"{source} has no results (empty 'results' list); the evaluation wrote nothing: rerun "
-                            "`python -m flux.evaluate` and check its task list and sample count")
-    for i, row in enumerate(rows):
-        where = f"{source} results[{i}]"
-        if not isinstance(row, Mapping):
-            raise VizInputError(f"{where}: expected an object, got {row!r}")
-        _require(row, ("task", "length", "n", "score", "sparsity"), where)
-        if not isinstance(row["n"], int) or row["n"] <= 0:
-            raise VizInputError(f"{where}: n={row['n']!r} must be a positive sample count")
-        _fraction(row["score"], "score", where)
-        _fraction(row["sparsity"], "sparsity", where)
-    summary = run["summary"]
-    if not isinstance(summary, Mapping):
-        raise VizInputError(f"{source}: summary must be an object with score and sparsity, got {summary!r}")
-    _require(summary, ("score", "sparsity"), f"{source} summary")
-    _fraction(summary["score"], "summary.score", source)
-    _fraction(summary["sparsity"], "summary.sparsity", source)
-    out = dict(run)
-    out.setdefault("source", source)
-    return out
+def _checked_run(run: object, default_source: str) -> dict[str, Any]:
+    """An in-memory run checked against the results.json schema; the loaders' ``source`` key is not part of it."""
+    source = _source_of(run, default_source)
+    body = {k: v for k, v in run.items() if k != "source"} if isinstance(run, Mapping) else run
+    return validate_results(body, source) | {"source": source}
 
 
 def load_results(path_or_dir: str | Path) -> list[dict[str, Any]]:
@@ -300,7 +241,7 @@ def load_results(path_or_dir: str | Path) -> list[dict[str, Any]]:
     """
     root = Path(path_or_dir)
     if root.is_dir():
-        paths = sorted(root.rglob("results.json"))
+        paths = sorted(root.rglob(RESULTS_FILE))
         if not paths:
             raise VizFileNotFoundError(f"no results.json under {root}; run `python -m flux.evaluate` with its "
                                        "output folder inside this one (one sub-folder per routing)")
@@ -308,77 +249,75 @@ def load_results(path_or_dir: str | Path) -> list[dict[str, Any]]:
         paths = [root]
     else:
         raise VizFileNotFoundError(f"{root} not found; it is written by `python -m flux.evaluate`")
-    runs = []
-    for path in paths:
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise VizInputError(f"{path}: not valid JSON ({err.msg}); rerun the evaluation that wrote it")
-        run = validate_results(raw, str(path))
-        run["source"] = str(path)
-        runs.append(run)
-    return runs
-
-
-def validate_bench(bench: Mapping[str, Any], source: str = "bench") -> dict[str, Any]:
-    """Check bench.json content: device/backbone strings and a non-empty list of timing rows."""
-    if not isinstance(bench, Mapping):
-        raise VizInputError(f"{source}: expected a JSON object, got {type(bench).__name__}")
-    _require(bench, ("device", "backbone", "rows"), source)
-    rows = bench["rows"]
-    if not isinstance(rows, list) or not rows:
-        raise VizInputError(f"{source} has no rows; rerun `python -m flux.bench` on a GPU machine")
-    for i, row in enumerate(rows):
-        where = f"{source} rows[{i}]"
-        if not isinstance(row, Mapping):
-            raise VizInputError(f"{where}: expected an object, got {row!r}")
-        _require(row, ("phase", "context", "batch", "sa_fraction", "ms", "speedup"), where)
-        if row["phase"] not in BENCH_PHASES:
-            raise VizInputError(f"{where}: phase={row['phase']!r} is not one of {BENCH_PHASES}")
-        for key in ("context", "batch"):
-            if not isinstance(row[key], int) or row[key] <= 0:
-                raise VizInputError(f"{where}: {key}={row[key]!r} must be a positive int")
-        _fraction(row["sa_fraction"], "sa_fraction", where)
-        for key in ("ms", "speedup"):
-            if not _is_number(row[key]) or row[key] <= 0:
-                raise VizInputError(f"{where}: {key}={row[key]!r} must be a positive number")
-    out = dict(bench)
-    out.setdefault("source", source)
-    return out
-
-
-def rows_from_flux_bench(raw: Mapping[str, Any], source: str = "bench") -> dict[str, Any]:
-    """Flatten the sectioned file `python -m flux.bench` writes (env, config, prefill, decode, ...) into the rows the
-    figures read: prefill time to first token, and decode time per token at the requested batch (the max-batch
-    rows answer another question and are plotted by their own notebook cell when wanted)."""
-    try:
-        cfg = raw["config"]["backbone"]
-        backbone = cfg if isinstance(cfg, str) else (f"{cfg.get('model_type', 'model')} "
-                                                     f"{cfg.get('num_hidden_layers', '?')} layers (random weights)")
-        rows = [{"phase": "prefill", "context": r["length"], "batch": r["batch"], "sa_fraction": r["sa_fraction"],
-                 "ms": r["ttft_ms"], "tokens_per_s": None, "peak_mem_gb": r.get("peak_mem_gib"),
-                 "speedup": r["speedup"]} for r in raw["prefill"]]
-        rows += [{"phase": "decode", "context": r["length"], "batch": r["batch"], "sa_fraction": r["sa_fraction"],
-                  "ms": r["ms_per_token"], "tokens_per_s": r.get("tokens_per_s"), "peak_mem_gb": r.get("peak_mem_gib"),
-                  "speedup": r["throughput_vs_dense_same_batch"]}
-                 for r in raw["decode"] if r.get("batch_kind", "fixed") == "fixed"]
-        return {"device": raw["env"]["gpu"], "backbone": backbone, "dense_backend": "best measured", "rows": rows}
-    except (KeyError, TypeError) as err:
-        raise VizInputError(f"{source}: not a flux.bench result (missing {err}); rerun `python -m flux.bench`")
+    return [read_results(path) | {"source": str(path)} for path in paths]
 
 
 def load_bench(path_or_dir: str | Path) -> dict[str, Any]:
     """Read ``bench.json`` (a file, or a folder holding one): flat rows, or the sectioned file flux.bench writes."""
-    path = _resolve(path_or_dir, "bench.json", "`python -m flux.bench` (experiments/speed)")
+    path = _resolve(path_or_dir, BENCH_FILE, "`python -m flux.bench` (experiments/speed)")
+    return read_bench(path) | {"source": str(path)}
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The output files found below one folder: a flux.train run, a flux.evaluate run, or a sweep of either.
+
+    Each list is sorted by path. ``routing`` holds evaluation ``routing.jsonl`` files and the validation passes a
+    training run leaves (``routing_maps/val_stepNNNNNN.routing.jsonl``).
+    """
+
+    root: Path
+    results: tuple[Path, ...]
+    routing: tuple[Path, ...]
+    metrics: tuple[Path, ...]
+    bench: tuple[Path, ...]
+
+    def routing_file(self) -> Path:
+        """The routing file to draw: an evaluated router's, else the last validation pass of training, else the
+        first evaluation's."""
+        evaluated = [p for p in self.routing if p.name == ROUTING_FILE]
+        of_router = [p for p in evaluated if _evaluated_routing(p.parent / RESULTS_FILE) == "router"]
+        passes = sorted((p for p in self.routing if p.name != ROUTING_FILE), key=lambda p: p.name)
+        chosen = of_router[:1] or passes[-1:] or evaluated[:1]
+        if not chosen:
+            raise VizFileNotFoundError(f"no routing.jsonl under {self.root}; `python -m flux.evaluate` writes one per "
+                                       "run, and `python -m flux.train` one per validation pass (routing_maps/)")
+        return chosen[0]
+
+    def metrics_file(self) -> Path:
+        """The newest metrics.csv (a resumed or repeated run writes csv/version_N)."""
+        if not self.metrics:
+            raise VizFileNotFoundError(f"no metrics.csv under {self.root}; `python -m flux.train` writes it "
+                                       "(<output_dir>/csv/version_N/metrics.csv)")
+        return max(self.metrics, key=lambda p: (p.stat().st_mtime, str(p)))
+
+    def bench_file(self) -> Path:
+        if not self.bench:
+            raise VizFileNotFoundError(f"no bench.json under {self.root}; `python -m flux.bench` writes it (GPU)")
+        return self.bench[0]
+
+
+def _evaluated_routing(results_file: Path) -> str | None:
+    """The routing mode a results.json names, only to pick which routing file to draw; a missing or broken file
+    gives None here and its own message where the results are loaded (load_results)."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise VizInputError(f"{path}: not valid JSON ({err.msg}); rerun the benchmark that wrote it")
-    if isinstance(raw, Mapping) and "rows" not in raw and "prefill" in raw:
-        raw = rows_from_flux_bench(raw, str(path))
-    bench = validate_bench(raw, str(path))
-    bench["source"] = str(path)
-    return bench
+        routing = json.loads(results_file.read_text(encoding="utf-8")).get("routing")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return routing if isinstance(routing, str) else None
+
+
+def find_run_files(root: str | Path) -> RunFiles:
+    """Every results.json, routing file, metrics.csv and bench.json below `root`, whatever wrote the folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VizFileNotFoundError(f"run folder {root} not found; pass the output folder of flux.train, flux.evaluate "
+                                   "or flux.bench, or a folder holding several (a sweep)")
+
+    def below(pattern: str) -> tuple[Path, ...]:
+        return tuple(sorted(p for p in root.rglob(pattern) if p.is_file()))
+
+    return RunFiles(root, below(RESULTS_FILE), below(f"*{ROUTING_FILE}"), below("metrics.csv"), below(BENCH_FILE))
 
 
 Metrics = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -471,13 +410,20 @@ def routing_heatmap(records: Sequence[RoutingRecord | Mapping[str, Any]], num_la
     map_ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap([FA_COLOR, SA_COLOR]),
                   vmin=0, vmax=1)
     map_ax.grid(False)
-    map_ax.set_xlabel(f"sample (grouped by task, then length; {samples} samples)")
+    map_ax.set_xlabel(f"samples, grouped by task and sorted by length ({samples} in all)")
     map_ax.set_ylabel("layer")
-    if layers <= 40:
-        map_ax.set_yticks(range(0, layers, max(1, layers // 10)))
+    # every layer labelled up to 32 layers (one row each is tall enough), else about 16 evenly spaced labels
+    map_ax.set_yticks(range(0, layers, 1 if layers <= 32 else math.ceil(layers / 16)))
+    map_ax.tick_params(axis="y", labelsize=7 if layers > 16 else 9)
     boundaries = [i for i in range(1, samples) if rows[i].task != rows[i - 1].task]
     for x in boundaries:
         map_ax.axvline(x - 0.5, color="white", linewidth=1.0)
+    # one x label per task block, at its centre, instead of sample numbers that name nothing
+    starts, ends = [0, *boundaries], [*boundaries, samples]
+    rotate = len(starts) > 4
+    map_ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends, strict=True)],
+                      [f"{rows[s].task} ({e - s})" for s, e in zip(starts, ends, strict=True)],
+                      rotation=30 if rotate else 0, ha="right" if rotate else "center")
     handles = [Patch(color=FA_COLOR, label="FA (full)"), Patch(color=SA_COLOR, label="SA (sparse)")]
     handles += [Patch(color=c, label=name) for name, c in colors.items()]
     fig.legend(handles=handles, loc="outside right upper", frameon=False)
@@ -543,13 +489,30 @@ def sparsity_distribution(records: Sequence[RoutingRecord | Mapping[str, Any]],
                      [colors[t] for t in tasks])
     task_ax.set_ylabel("sample sparsity (share of SA layers)")
     task_ax.set_title("by task")
-    lengths = sorted({r.length for r in rows})
-    _box_with_points(length_ax, [np.asarray([r.sparsity for r in rows if r.length == n]) for n in lengths],
-                     [str(n) for n in lengths], [SA_COLOR] * len(lengths))
+    buckets = length_buckets([r.length for r in rows])
+    groups = [np.asarray([r.sparsity for r in rows if lo < r.length <= hi]) for lo, hi, _ in buckets]
+    _box_with_points(length_ax, groups, [f"{label}\n(n={len(g)})" for (_, _, label), g in zip(buckets, groups,
+                                                                                              strict=True)],
+                     [SA_COLOR] * len(buckets))
     length_ax.set_xlabel("input length (tokens)")
     length_ax.set_title("by length")
     fig.suptitle(f"Per-sample sparsity ({len(rows)} samples)")
     return fig
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int = 6) -> list[tuple[int, int, str]]:
+    """(low, high, label) ranges `low < length <= high` for the by-length panel: each distinct length when there are
+    at most `max_buckets` of them, else powers of two ("2k-4k" holds 2049..4096 tokens), so the prompts of a 4k
+    evaluation cell (a few tokens short of 4096 each) share one box instead of one box per token count."""
+    distinct = sorted(set(lengths))
+    if len(distinct) <= max_buckets:
+        return [(n - 1, n, str(n)) for n in distinct]
+    highs = sorted({1 << max(0, math.ceil(math.log2(n))) for n in distinct})
+    return [(h // 2, h, f"{_tokens(h // 2)}–{_tokens(h)}") for h in highs]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -579,7 +542,7 @@ def quality_vs_sparsity(results_list: Sequence[Mapping[str, Any]], task: str | N
 
     ``task`` plots one task's sample-weighted score and sparsity instead of the run summary.
     """
-    runs = [validate_results(run, _source_of(run, f"results_list[{i}]")) for i, run in enumerate(results_list)]
+    runs = [_checked_run(run, f"results_list[{i}]") for i, run in enumerate(results_list)]
     if not runs:
         raise VizInputError("results_list is empty; pass load_results(<sweep folder>) with at least one run")
     points = [(float(r["summary"]["sparsity"]), float(r["summary"]["score"])) if task is None

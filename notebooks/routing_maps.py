@@ -18,20 +18,19 @@
 # does it cost in quality? Every figure below is drawn by `flux.viz` from the files `flux.evaluate` and `flux.train`
 # write, so the same figure appears in W&B during training.
 #
-# The first cell holds the paths. By default they point at `experiments/example_run/` (a short SmolLM2 run committed
-# with the repository); set the environment variable `FLUX_EXAMPLE_DIR` or edit the cell to read your own run. The
-# folder is expected to hold one sub-folder per routing (`dense/`, `router/`, `static/`, ...), each with
-# `results.json` and `routing.jsonl`, plus the training log `metrics.csv`.
+# The first cell holds the folder to read: any folder that `flux.train` or `flux.evaluate` wrote, or a folder holding
+# several of them (a sweep). The notebook finds the files itself: every `results.json` below it is one point in the
+# quality-sparsity plot; the routing figures draw an evaluated router's `routing.jsonl` (or, in a training run, its
+# last validation pass); the training curves read `metrics.csv`. By default it reads `experiments/example_run/` (a
+# SmolLM2 run committed with the repository); set the environment variable `FLUX_EXAMPLE_DIR` or edit the cell to
+# read your own.
 
 # %% tags=["parameters"]
 import os
 from pathlib import Path
 
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-EXAMPLE_DIR = Path(os.environ.get("FLUX_EXAMPLE_DIR", REPO / "experiments" / "example_run"))
-ROUTING_FILE = EXAMPLE_DIR / "router" / "routing.jsonl"  # the per-sample decisions drawn in the first figures
-RESULTS_DIR = EXAMPLE_DIR  # every results.json below it is one point in the quality-sparsity plot
-METRICS_FILE = EXAMPLE_DIR / "metrics.csv"  # Lightning CSVLogger output of the training run
+RUN_DIR = Path(os.environ.get("FLUX_EXAMPLE_DIR", REPO / "experiments" / "example_run"))
 # Layer count of the backbone (30 for SmolLM2-135M); None skips the check that the records match it.
 NUM_LAYERS = int(os.environ["FLUX_NUM_LAYERS"]) if os.environ.get("FLUX_NUM_LAYERS") else None
 
@@ -62,18 +61,28 @@ def show(draw, data, **kwargs):
         print(f"Cannot draw {draw.__name__}: {err}")
 
 
-records = load(viz.load_routing, ROUTING_FILE, num_layers=NUM_LAYERS)
-runs = load(viz.load_results, RESULTS_DIR)
-metrics = load(viz.load_metrics, METRICS_FILE)
+files = load(viz.find_run_files, RUN_DIR)
+records = runs = metrics = None
+if files is not None:
+    print(f"{RUN_DIR}: {len(files.results)} results.json, {len(files.routing)} routing files, "
+          f"{len(files.metrics)} metrics.csv")
+    routing_file = load(files.routing_file)
+    records = load(viz.load_routing, routing_file, num_layers=NUM_LAYERS) if routing_file else None
+    runs = load(viz.load_results, RUN_DIR)
+    metrics_file = load(files.metrics_file)
+    metrics = load(viz.load_metrics, metrics_file) if metrics_file else None
 
 if records is not None:
     tasks = sorted({r.task for r in records})
-    print(f"{len(records)} routed samples, {records[0].num_layers} layers, tasks: {', '.join(tasks)}")
+    print(f"routing: {routing_file.relative_to(RUN_DIR)}: {len(records)} samples, {records[0].num_layers} layers, "
+          f"tasks: {', '.join(tasks)}")
 if runs is not None:
     for run in runs:
         summary = run["summary"]
         print(f"{run['routing']:>12}: score {summary['score']:.3f}  sparsity {summary['sparsity']:.2f}"
-              f"  ({Path(run['source']).parent.name})")
+              f"  ({Path(run['source']).parent.relative_to(RUN_DIR)})")
+if metrics is not None:
+    print(f"training curves: {metrics_file.relative_to(RUN_DIR)}")
 
 # %% [markdown]
 # ## Layer x sample decisions
@@ -99,7 +108,8 @@ show(viz.layer_fa_probability, records)
 # ## Per-sample sparsity by task and by length
 #
 # The share of layers on SA for each sample. A context-aware router spreads these: retrieval tasks should sit lower
-# than holistic ones, and longer inputs should not simply collapse to one value.
+# than holistic ones, and longer inputs should not simply collapse to one value. Input lengths are grouped into
+# power-of-two buckets (each box says how many samples it holds) once there are more than six distinct lengths.
 
 # %% tags=["figure"]
 show(viz.sparsity_distribution, records)

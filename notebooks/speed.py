@@ -18,16 +18,15 @@
 # sparse attention, against the best dense backend on the same device. This notebook only reads its `bench.json`,
 # so it runs without a GPU.
 #
-# By default it reads `experiments/example_run/bench.json`; set `FLUX_EXAMPLE_DIR` or edit the next cell to read
-# another benchmark.
+# By default it reads the `bench.json` in `experiments/example_run/`; set `FLUX_EXAMPLE_DIR` or edit the next cell to
+# read another folder (the benchmark's output folder, or any folder holding one).
 
 # %% tags=["parameters"]
 import os
 from pathlib import Path
 
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-EXAMPLE_DIR = Path(os.environ.get("FLUX_EXAMPLE_DIR", REPO / "experiments" / "example_run"))
-BENCH_FILE = EXAMPLE_DIR / "bench.json"
+RUN_DIR = Path(os.environ.get("FLUX_EXAMPLE_DIR", REPO / "experiments" / "example_run"))
 
 # %%
 # %matplotlib inline
@@ -36,7 +35,7 @@ from IPython.display import display
 from flux import viz
 
 try:
-    bench = viz.load_bench(BENCH_FILE)
+    bench = viz.load_bench(viz.find_run_files(RUN_DIR).bench_file())
 except viz.INPUT_ERRORS as err:
     bench = None
     print(f"Cannot load: {err}")

@@ -44,6 +44,26 @@ def smollm2_model(smollm2):
     return FluxModel(smollm2)
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer random Llama (hidden 32, head_dim 8) with SmolLM2's tokenizer, saved as a local model folder: the
+    data pipeline needs a real tokenizer with a chat template, which the byte tokenizer of `tiny_random` lacks."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from flux.backbone import dequantised_gguf_dir, smollm2_gguf_path
+
+    tokenizer = AutoTokenizer.from_pretrained(dequantised_gguf_dir(smollm2_gguf_path()))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -22,10 +22,12 @@ def test_plain_config_and_overrides():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("lenghts=[1]", "no key 'lenghts'"),
-    ("generate.stepz=3", "no key 'stepz'"),
-    ("sink.x=3", "'sink' is not a config section"),
+    ("lenghts=[1]", r"override 'lenghts=\[1\]': conf/bench.yaml has no key 'lenghts'"),
+    ("generate.stepz=3", "has no key 'generate.stepz'"),
+    ("sink.x=3", "has no key 'sink.x'"),
+    ("generate=3", "'generate' is a config section; set one of its keys instead, e.g. generate.enabled=..."),
     ("lengths", "is not key=value"),
+    ("lengths=abc", "lengths=abc must be a non-empty list of positive integers"),
     ("generate.sa_targets=[1.5]", r"in \[0, 1\]"),
     ("generate.jobs=[{batch: 0, length: 8, plans: [dense]}]", "batch must be a positive integer or 'max'"),
     ("generate.jobs=[{batch: 1, length: 8, plans: [sparse]}]", "unknown plan 'sparse'"),
@@ -56,9 +58,9 @@ def test_ideal_speedup():
 
 def _tiny_cfg(tmp_path):
     cfg = bench.load_plain_config([
-        ("backbone={model_type: qwen2, hidden_size: 64, num_hidden_layers: 4, num_attention_heads: 4, "
-        "num_key_value_heads: 2, head_dim: 16, intermediate_size: 96, vocab_size: 300, "
-        "max_position_embeddings: 512, tie_word_embeddings: false}"),
+        "backbone.hidden_size=64", "backbone.num_hidden_layers=4", "backbone.num_attention_heads=4",
+        "backbone.num_key_value_heads=2", "backbone.head_dim=16", "backbone.intermediate_size=96",
+        "backbone.vocab_size=300", "backbone.max_position_embeddings=512",
         "dtype=bfloat16", "sink=4", "window=16", f"output_dir={tmp_path}",
         "generate.new_tokens=6", "generate.calib_tokens=256", "generate.repeats=2",
         "generate.repeat_up_to=100", "generate.memory_margin_gib=0", "generate.max_batch_cap=3",

@@ -24,7 +24,6 @@ from flux.data.prompting import (
 )
 from flux.data.sft import load_sft
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 CONTEXT = "Otters live in rivers. " * 40 + "The special magic number for quiet-otter is 4417.  It never changes."
 QUESTION = "What is the special magic number for quiet-otter?"
 
@@ -270,7 +269,7 @@ def test_datamodule_rejects_bad_configuration(tokenizer, tmp_path):
     train = write_sft(tmp_path / "t.jsonl", 2)
     with pytest.raises(ValueError, match=r"unknown mixture weight key\(s\) \['sft'\]"):
         FluxDataModule(tokenizer, source="mixture", train_files=[str(train)], weights={"sft": 1.0})
-    with pytest.raises(ValueError, match="n_val=2 held-out records leave none of the 2 training records"):
+    with pytest.raises(ValueError, match="n_val=2 held-out records leave none of the 2 training records; give more"):
         FluxDataModule(tokenizer, source="jsonl", train_files=[str(train)], n_val=2).setup("fit")
     clash = write_sft(tmp_path / "clash.jsonl", 1, task="fwe", task_type="retrieval")
     with pytest.raises(ValueError, match="task 'fwe' has task_type 'retrieval', but it is 'holistic'"):
@@ -281,15 +280,36 @@ def test_datamodule_rejects_bad_configuration(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("name", ["synthetic", "jsonl", "mixture"])
 def test_hydra_configs_instantiate_with_an_injected_tokenizer(tokenizer, tmp_path, name):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
+    from flux.conf import CONFIG_MODULE
+
     train = write_sft(tmp_path / "train.jsonl", 40)
-    overrides = [] if name == "synthetic" else [f"train_files=[{train}]"]
-    with initialize_config_dir(str(CONF / "data"), version_base="1.3"):
-        cfg = compose(name, overrides=overrides)
+    overrides = [f"data={name}"] + ([] if name == "synthetic" else [f"data.train_files=[{train}]"])
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=overrides).data
     dm = instantiate(cfg, tokenizer=tokenizer)
     assert isinstance(dm, FluxDataModule) and dm.tokenizer is tokenizer and dm.source == name
     assert isinstance(dm.tasks, list) and dm.train_seed != dm.val_seed
     if name != "jsonl":
         assert len(dm.tasks) == 10 and set(dm.task_types.values()) == {"retrieval", "holistic"}
+
+
+@pytest.mark.parametrize(("records", "fraction", "held"), [(40, 0.05, 2), (3, 0.05, 1), (10, 0.5, 5)])
+def test_val_fraction_holds_out_a_share_of_the_records(tokenizer, tmp_path, records, fraction, held):
+    train = write_sft(tmp_path / "train.jsonl", records)
+    dm = FluxDataModule(tokenizer, source="jsonl", train_files=[str(train)], val_fraction=fraction, max_tokens=256)
+    dm.setup("fit")
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (records - held, held)
+    again = FluxDataModule(tokenizer, source="jsonl", train_files=[str(train)], val_fraction=fraction, max_tokens=256)
+    again.setup("fit")  # the same records are held out every time (val_seed)
+    assert [list(x.input_ids) for x in again.val_dataset] == [list(x.input_ids) for x in dm.val_dataset]
+
+
+def test_val_fraction_errors_name_the_setting(tokenizer, tmp_path):
+    one = write_sft(tmp_path / "one.jsonl", 1)
+    with pytest.raises(ValueError, match=r"val_fraction=0.05 \(1 records\) held-out records leave none of the 1"):
+        FluxDataModule(tokenizer, source="jsonl", train_files=[str(one)], val_fraction=0.05).setup("fit")
+    with pytest.raises(ValueError, match=r"val_fraction=1.5 must lie in \(0, 1\)"):
+        FluxDataModule(tokenizer, source="jsonl", train_files=[str(one)], val_fraction=1.5)

@@ -6,28 +6,32 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
 from flux.attention.patterns import PatternError
+from flux.backbone import load_backbone
+from flux.conf import CONFIG_MODULE
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.errors import ConfigError, FluxUserError
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
-from flux.lit import RouterCheckpointError, export_router
 from flux.model import FluxModel
-from flux.router import LayerRouter
+from flux.router import LayerRouter, RouterCheckpointError, export_router
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = ["backbone=tiny_random", "backbone.tiny.num_layers=3", "sparse.sink=4", "sparse.window=32"]
 RULER = ["eval.task.tasks=[niah_single,fwe]", "eval.task.lengths=[256]", "eval.task.n=2",
          "eval.task.max_new_tokens=4", "eval.batch_size=3"]
 
 
+def _tiny_backbone():
+    """The backbone TINY's evaluations load (a router's files record its architecture)."""
+    return load_backbone("tiny_random", tiny={"num_layers": 3})
+
+
 def _cfg(tmp_path, *overrides, task=RULER, tiny=TINY):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("evaluate", [*tiny, *task, f"output_dir={tmp_path}", *overrides])
 
 
@@ -47,15 +51,17 @@ def test_modes_write_results_and_routing(tmp_path, mode, extra):
 
 
 def test_router_mode_and_checkpoint_checks(tmp_path):
+    evaluated = load_backbone("tiny_random", tiny={"num_layers": 3})  # the backbone TINY composes
     router = LayerRouter(3, 16, kind="per_layer", init_fa_bias=-6.0)  # biased to SA: all-sparse decisions
-    export_router(router, tmp_path / "router", "tiny_random-llama", {"pattern": "streaming", "sink": 4, "window": 32})
+    export_router(router, tmp_path / "router", evaluated, {"pattern": "streaming", "sink": 4, "window": 32})
     results = evaluate(_cfg(tmp_path / "run", "routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"))
     assert results["routing"] == "router" and results["summary"]["sparsity"] == pytest.approx(1.0)
-    export_router(router, tmp_path / "other", "some/other-model", {})
-    with pytest.raises(RouterCheckpointError, match="trained for backbone 'some/other-model'"):
+    export_router(router, tmp_path / "other", load_backbone("tiny_random", family="qwen2", tiny={"num_layers": 3}), {})
+    with pytest.raises(RouterCheckpointError, match=r"trained for backbone 'tiny_random-qwen2' \(fingerprint \w+\), "
+                                                    r"not for 'tiny_random-llama' .*: model_type 'qwen2' vs 'llama'"):
         evaluate(_cfg(tmp_path / "run2", "routing.mode=router", f"routing.checkpoint={tmp_path / 'other'}"))
-    export_router(LayerRouter(5, 16), tmp_path / "five", "tiny_random-llama", {})
-    with pytest.raises(RouterCheckpointError, match="routes 5 layers but the backbone has 3"):
+    export_router(LayerRouter(5, 16), tmp_path / "five", load_backbone("tiny_random", tiny={"num_layers": 5}), {})
+    with pytest.raises(RouterCheckpointError, match="num_hidden_layers 5 vs 3"):
         evaluate(_cfg(tmp_path / "run3", "routing.mode=router", f"routing.checkpoint={tmp_path / 'five'}"))
     with pytest.raises(RouterCheckpointError, match="needs router.safetensors and router.json"):
         evaluate(_cfg(tmp_path / "run4", "routing.mode=router", f"routing.checkpoint={tmp_path / 'missing'}"))
@@ -211,11 +217,11 @@ def test_a_folder_holding_another_evaluation_is_refused(tmp_path):
 
     router = LayerRouter(3, 16, kind="per_layer")
     pattern = {"pattern": "streaming", "sink": 4, "window": 32}
-    export_router(router, tmp_path / "router", "tiny_random-llama", pattern)
+    export_router(router, tmp_path / "router", _tiny_backbone(), pattern)
     routed = ["routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"]
     evaluate(_cfg(tmp_path / "routed", *routed))
     torch.nn.init.normal_(router.mlps[0][0].weight)  # retrained in place: same path, other weights
-    export_router(router, tmp_path / "router", "tiny_random-llama", pattern)
+    export_router(router, tmp_path / "router", _tiny_backbone(), pattern)
     with pytest.raises(EvalResumeError, match="router_sha256"):
         evaluate(_cfg(tmp_path / "routed", *routed))
 
@@ -281,7 +287,7 @@ def test_one_documented_sparse_default(tmp_path):
     from flux.passkey import build_pattern as passkey_pattern
     from flux.train import build_pattern
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("evaluate", [f"output_dir={tmp_path}"])
     assert build_pattern(cfg) == StreamingPattern() == passkey_pattern(None, None)
     assert StreamingPattern().describe() == {"pattern": "streaming", "sink": 128, "window": 2048}  # the paper's
@@ -295,7 +301,7 @@ def test_a_router_runs_its_own_pattern_unless_sparse_is_set(tmp_path, capsys):
 
     router = LayerRouter(3, 16, kind="per_layer", init_fa_bias=-6.0)
     own = {"pattern": "streaming", "sink": 2, "window": 8}
-    export_router(router, tmp_path / "router", "tiny_random-llama", own)
+    export_router(router, tmp_path / "router", _tiny_backbone(), own)
     routed = ["routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"]
     assert evaluate(_cfg(tmp_path / "own", *routed), sparse_overrides=[])["sparse"] == own
     assert "notice" not in capsys.readouterr().err
@@ -308,7 +314,7 @@ def test_a_router_runs_its_own_pattern_unless_sparse_is_set(tmp_path, capsys):
                        "{'pattern': 'streaming', 'sink': 2, 'window': 8}")]
 
     # on a Hydra command line, the overrides the user typed are what counts as explicit
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         hydra_cfg = compose("evaluate", ["sparse.window=64", "eval.task.n=2", "routing.mode=router",
                                          "output_dir=unused"], return_hydra_config=True)
     HydraConfig.instance().set_config(hydra_cfg)

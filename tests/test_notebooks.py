@@ -1,4 +1,5 @@
-"""Execute the jupytext notebooks end to end on synthetic output files (no GPU) and check what every cell shows."""
+"""Execute the jupytext notebooks end to end (no GPU) and check what every cell shows: on synthetic output files, on
+the committed example run, and on the folders real flux.train / flux.evaluate runs leave (alone and as a sweep)."""
 
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def test_routing_maps_explains_bad_input(tmp_path: Path, monkeypatch: pytest.Mon
     notebook = _execute("routing_maps", tmp_path)
     text = _text(notebook)
     assert "records have 6 layers but num_layers=30 was expected" in text
-    assert "has no results (empty 'results' list)" in text
-    assert f"{bad / 'metrics.csv'} not found" in text
+    assert "'results' must be a non-empty list of rows" in text
+    assert f"no metrics.csv under {bad}; `python -m flux.train` writes it" in text
     assert text.count("Skipped ") == 5
     assert [_images(c) for c in _figure_cells(notebook)] == [0] * 5
 
@@ -99,8 +100,55 @@ def test_speed_explains_missing_bench(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("FLUX_EXAMPLE_DIR", str(tmp_path / "nowhere"))
     notebook = _execute("speed", tmp_path)
     text = _text(notebook)
-    assert f"{tmp_path / 'nowhere' / 'bench.json'} not found" in text
+    assert f"run folder {tmp_path / 'nowhere'} not found" in text
     assert "Skipped speedup_vs_length" in text
+
+
+@pytest.fixture(scope="module")
+def run_folders(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep folder as flux leaves it: `train/` (a short flux.train run) and `eval/{dense,router}/` (flux.evaluate
+    of the dense baseline and of the router just trained), all on the tiny Llama."""
+    from hydra import compose, initialize_config_module
+
+    from flux.conf import CONFIG_MODULE
+    from flux.evaluate import evaluate
+    from flux.train import run
+
+    root = tmp_path_factory.mktemp("sweep")
+    common = [f"backbone.source={tiny_dir}", "backbone.dtype=float32", "sparse.sink=4", "sparse.window=16"]
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        run(compose("train", [*common, "logger=csv", "data.tasks=[niah_single,fwe]", "data.length_tokens=128",
+                              "data.max_tokens=256", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                              f"output_dir={root / 'train'}"]))
+        for mode in ("dense", "router"):
+            evaluate(compose("evaluate", [*common, "eval.task.tasks=[niah_single,fwe]", "eval.task.lengths=[256]",
+                                          "eval.task.n=2", "eval.task.max_new_tokens=2", f"routing.mode={mode}",
+                                          f"routing.checkpoint={root / 'train' / 'router'}",
+                                          f"output_dir={root / 'eval' / mode}"]))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("folder", "routing", "missing"), [
+    ("train", "routing_maps/val_step000002.routing.jsonl", "no results.json under"),
+    ("eval/router", "routing.jsonl", "no metrics.csv under"),
+    ("", "eval/router/routing.jsonl", None),
+])
+def test_routing_maps_opens_any_run_folder(run_folders: Path, folder: str, routing: str, missing: str | None,
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_env: None) -> None:
+    """A training run, an evaluation run and a sweep folder holding both: the notebook finds its files in each and
+    draws what they support, naming what is missing instead of failing."""
+    monkeypatch.setenv("FLUX_EXAMPLE_DIR", str(run_folders / folder))
+    monkeypatch.delenv("FLUX_NUM_LAYERS", raising=False)
+    notebook = _execute("routing_maps", tmp_path)
+    text = _text(notebook)
+    assert f"routing: {routing}: " in text and "3 layers" in text
+    drawn = [_images(c) for c in _figure_cells(notebook)]
+    if missing is None:
+        assert drawn == [1] * 5 and "Cannot" not in text
+        assert "       dense: score" in text and "      router: score" in text
+    else:
+        assert sum(drawn) == 4 and missing in text  # the one figure without its input says why
 
 
 @pytest.mark.parametrize("name", ["routing_maps", "speed"])

@@ -3,23 +3,34 @@ threshold calibration, the global variant, and export -> reload (tiny random bac
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from flux.attention.patterns import StreamingPattern
-from flux.backbone import load_backbone
-from flux.lit import RouterCheckpointError, export_router, load_router
+from flux.backbone import backbone_fingerprint, load_backbone, tiny_random_config
 from flux.model import FluxModel
 from flux.objectives import answer_lm_loss, sample_sparsity
 from flux.router import (
     LayerRouter,
+    RouterCheckpointError,
     RouterConfig,
     RouterConfigError,
     calibrate_threshold,
     cosine_tau,
+    export_router,
     gumbel_straight_through,
+    load_router,
 )
 
 # A window much shorter than the inputs, so SA and FA differ and the gates matter for the loss.
@@ -199,10 +210,12 @@ def test_global_router_rejects_a_read_layer_outside_the_model(tiny):
 @pytest.mark.parametrize("kind", ["per_layer", "global"])
 def test_exported_router_reloads_and_reproduces_decisions(tiny, tiny_model, batch, tmp_path, kind):
     router = scrambled_router(tiny, kind=kind, read_layer=0).eval()
-    export_router(router, tmp_path, tiny.name, PATTERN.describe(), {"steps": 7})
-    loaded, meta = load_router(tmp_path / "router.safetensors", backbone_name=tiny.name, num_layers=tiny.num_layers)
+    export_router(router, tmp_path, tiny, PATTERN.describe(), {"steps": 7})
+    loaded, meta = load_router(tmp_path / "router.safetensors", tiny)
     assert meta["sparse"] == {"pattern": "streaming", "sink": 2, "window": 8}
     assert meta["training"] == {"steps": 7}
+    assert meta["backbone_fingerprint"] == backbone_fingerprint(tiny.config)
+    assert meta["backbone_architecture"]["num_hidden_layers"] == 4
     assert not loaded.training and loaded.config == router.config
     with torch.no_grad():
         out_a, plan_a = forward(tiny_model, router, batch)
@@ -214,11 +227,150 @@ def test_exported_router_reloads_and_reproduces_decisions(tiny, tiny_model, batc
         assert torch.equal(plan_a.logits[i], plan_b.logits[i])
 
 
+def test_fingerprint_depends_on_architecture_not_name(tiny):
+    same = load_backbone("tiny_random", seed=5)  # other weights, same architecture
+    assert backbone_fingerprint(same.config) == tiny.fingerprint
+    for change in ({"num_layers": 3}, {"hidden_size": 32}, {"num_kv_heads": 4}, {"vocab_size": 300}):
+        assert tiny_random_config("llama", **change).to_dict() != tiny.config.to_dict()
+        assert backbone_fingerprint(tiny_random_config("llama", **change)) != tiny.fingerprint, change
+    rope = tiny_random_config("llama")
+    rope.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    assert backbone_fingerprint(rope) != tiny.fingerprint
+    assert backbone_fingerprint(tiny_random_config("qwen2")) != tiny.fingerprint
+
+
 def test_load_router_names_the_mismatch(tiny, tmp_path):
     with pytest.raises(RouterCheckpointError, match="needs router.safetensors and router.json"):
         load_router(tmp_path)
-    export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path, tiny.name, PATTERN.describe())
-    with pytest.raises(RouterCheckpointError, match="trained for backbone 'tiny_random-llama', not 'other/model'"):
-        load_router(tmp_path, backbone_name="other/model")
-    with pytest.raises(RouterCheckpointError, match="routes 4 layers but the backbone has 30"):
-        load_router(tmp_path, num_layers=30)
+    export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path, tiny, PATTERN.describe())
+    deeper = load_backbone("tiny_random", tiny={"num_layers": 6})
+    with pytest.raises(RouterCheckpointError, match=r"trained for backbone 'tiny_random-llama' \(fingerprint "
+                                                    r"\w{16}\), not for 'tiny_random-llama' \(fingerprint \w{16}\): "
+                                                    r"num_hidden_layers 4 vs 6; load it onto the backbone"):
+        load_router(tmp_path, deeper)
+    renamed = dataclasses.replace(tiny, name="my/finetune")  # the same architecture under another name
+    with pytest.warns(UserWarning, match="trained on 'tiny_random-llama' and is loaded onto 'my/finetune'"):
+        load_router(tmp_path, renamed)
+
+
+def test_router_json_without_fingerprint_is_checked_by_name_and_shape(tiny, tmp_path):
+    """Routers exported before fingerprints (e.g. experiments/smollm2_8k/router) still load, checked by name."""
+    export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path, tiny, PATTERN.describe())
+    meta = json.loads((tmp_path / "router.json").read_text())
+    for key in ("backbone_fingerprint", "backbone_architecture", "weights_sha256"):
+        del meta[key]
+    (tmp_path / "router.json").write_text(json.dumps(meta))
+    load_router(tmp_path, tiny)
+    with pytest.raises(RouterCheckpointError, match="trained for backbone 'tiny_random-llama', not 'my/finetune'"):
+        load_router(tmp_path, dataclasses.replace(tiny, name="my/finetune"))
+    (tmp_path / "router.json").write_text(json.dumps(meta | {"num_layers": 30}))
+    with pytest.raises(RouterCheckpointError, match="routes 30 layers but the backbone has 4"):
+        load_router(tmp_path, tiny)
+    (tmp_path / "router.json").write_text(json.dumps(meta | {"head_dim": 64}))
+    with pytest.raises(RouterCheckpointError, match="head size 64 but the backbone's heads have size 16"):
+        load_router(tmp_path, tiny)
+
+
+def test_export_writes_readable_files_and_removes_stale_temps(tiny, tmp_path):
+    stale = [tmp_path / ".router.safetensors.k1ll3d.tmp", tmp_path / ".router.json.k1ll3d.tmp",
+             tmp_path / ".README.md.k1ll3d.tmp"]
+    tmp_path.mkdir(exist_ok=True)
+    for p in stale:
+        p.write_bytes(b"half a file")
+    unrelated = tmp_path / ".keep.tmp"
+    unrelated.write_text("not ours")
+    export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path, tiny, PATTERN.describe())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.tmp", "README.md", "router.json",
+                                                          "router.safetensors"]
+    for name in ("README.md", "router.json", "router.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+
+
+def test_a_failed_export_keeps_the_previous_pair(tiny, tmp_path, monkeypatch):
+    first = scrambled_router(tiny)
+    export_router(first, tmp_path, tiny, PATTERN.describe(), {"steps": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the weights are written
+
+    monkeypatch.setattr("flux.router.save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path, tiny, PATTERN.describe(), {"steps": 2})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, old pair intact
+    assert load_router(tmp_path, tiny)[1]["training"] == {"steps": 1}
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+import flux.router
+from flux.backbone import backbone_fingerprint, load_backbone, tiny_random_config
+from flux.router import LayerRouter, export_router
+
+def save_then_die(tensors, path, *args, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"partial")
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+flux.router.save_file = save_then_die
+tiny = load_backbone("tiny_random")
+export_router(LayerRouter(tiny.num_layers, tiny.head_dim), sys.argv[1], tiny, {})
+"""
+
+
+def test_a_killed_export_leaves_the_old_pair_and_its_temp_is_removed_next_time(tiny, tmp_path):
+    export_router(scrambled_router(tiny), tmp_path, tiny, PATTERN.describe(), {"steps": 1})
+    proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(tmp_path)], capture_output=True, timeout=300,
+                          check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".router.")]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # SIGKILL cannot clean up ...
+    assert load_router(tmp_path, tiny)[1]["training"] == {"steps": 1}  # ... but the pair was never touched
+    export_router(scrambled_router(tiny), tmp_path, tiny, PATTERN.describe(), {"steps": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "router.json", "router.safetensors"]
+
+
+def test_weights_from_another_export_are_refused(tiny, tmp_path):
+    """An export interrupted between its two renames leaves new weights beside the old router.json."""
+    export_router(scrambled_router(tiny), tmp_path / "a", tiny, PATTERN.describe())
+    export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path / "b", tiny, PATTERN.describe())
+    shutil.copy(tmp_path / "b" / "router.safetensors", tmp_path / "a" / "router.safetensors")
+    with pytest.raises(RouterCheckpointError, match=r"router\.safetensors is not the file .*router\.json was written "
+                                                    r"with \(its sha256 differs\)"):
+        load_router(tmp_path / "a", tiny)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("name", "damage", "message"), [
+    ("router.safetensors", lambda p: p.write_bytes(b""), r"router\.safetensors is not a readable safetensors file"),
+    ("router.safetensors", _truncate, r"router\.safetensors is not a readable safetensors file"),
+    ("router.safetensors", lambda p: p.write_bytes(b"\x00" * 64), "is not a readable safetensors file"),
+    ("router.json", lambda p: p.write_text(""), r"router\.json is not valid JSON .* empty, truncated or corrupt"),
+    ("router.json", _truncate, r"router\.json is not valid JSON"),
+    ("router.json", lambda p: p.write_text("[1, 2]"), r"router\.json lacks \['backbone', 'num_layers'"),
+    ("router.json", lambda p: p.write_bytes(b"\xff\xfe{"), r"cannot read .*router\.json"),
+])
+def test_damaged_router_files_fail_with_one_message_naming_the_file(tiny, tmp_path, name, damage, message):
+    export_router(scrambled_router(tiny), tmp_path, tiny, PATTERN.describe())
+    damage(tmp_path / name)
+    with pytest.raises(RouterCheckpointError, match=message) as err:
+        load_router(tmp_path, tiny)
+    assert str(tmp_path / name) in str(err.value)
+
+
+@pytest.mark.parametrize(("layers", "head_dim"), [(4, 8), (6, 16)])
+def test_weights_of_another_shape_are_refused(tiny, tmp_path, layers, head_dim):
+    """router.json describing one router, router.safetensors holding another's weights (digest dropped, so the
+    shape check itself is what fires)."""
+    export_router(LayerRouter(tiny.num_layers, tiny.head_dim), tmp_path / "ok", tiny, PATTERN.describe())
+    save_file(LayerRouter(layers, head_dim).state_dict(), str(tmp_path / "ok" / "router.safetensors"))
+    meta = json.loads((tmp_path / "ok" / "router.json").read_text())
+    del meta["weights_sha256"]
+    (tmp_path / "ok" / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(RouterCheckpointError, match=r"router\.safetensors does not fit the router .*router\.json "
+                                                    r"describes \(.*\); the two files come from different routers"):
+        load_router(tmp_path / "ok", tiny)

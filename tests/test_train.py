@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import flux.train
 from flux.attention.patterns import PatternError
 from flux.backbone import SMOLLM2_NAME, BackboneError, dequantised_gguf_dir, load_backbone, smollm2_gguf_path
+from flux.conf import CONFIG_MODULE
+from flux.configs import build_pattern
 from flux.data.module import FluxDataModule
 from flux.errors import ConfigError, FluxUserError
-from flux.lit import BACKBONE_PREFIX, AtomicCheckpointIO, load_router
+from flux.lit import BACKBONE_PREFIX, AtomicCheckpointIO
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
-from flux.router import LayerRouter, RouterConfigError, cosine_tau
+from flux.router import LayerRouter, RouterConfigError, cosine_tau, load_router
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -42,29 +46,13 @@ SMALL_DATA = ["logger=csv", "data.n_train=1", "data.n_val=1", "data.length_token
 
 
 def compose_train(overrides: list[str], hydra_config: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=hydra_config)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A 3-layer random Llama (hidden 32, head_dim 8) with SmolLM2's tokenizer, saved as a local model folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(dequantised_gguf_dir(smollm2_gguf_path()))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=TINY_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def tiny_overrides(tiny_dir: Path, out: Path | None, synthetic: bool = True) -> list[str]:
-    base = [f"backbone.source={tiny_dir}", "backbone.dtype=float32", "trainer.limit_val_batches=1"]
+    base = [f"backbone.source={tiny_dir}", "backbone.dtype=float32", "trainer.limit_val_batches=1",
+            "++trainer.val_check_interval=1"]  # ++: the gpu/ddp trainer configs leave it at its default
     base += SMALL_DATA if synthetic else ["logger=csv"]
     return base + ([f"output_dir={out}"] if out is not None else [])
 
@@ -150,17 +138,26 @@ def test_logged_temperature_and_target_follow_their_schedules(resumed):
 
 def test_exported_router_reloads_and_decides_like_the_trained_one(resumed, tiny_dir):
     _, second = resumed
-    loaded, meta = load_router(second["router_dir"], backbone_name=str(tiny_dir), num_layers=TINY_LAYERS)
+    backbone = load_backbone(str(tiny_dir), dtype="float32")
+    loaded, meta = load_router(second["router_dir"], backbone)
     assert meta["sparse"] == {"pattern": "streaming", "sink": 4, "window": 16}
-    assert meta["training"]["steps"] == 3 and meta["training"]["tasks"] == TASKS
+    training = meta["training"]
+    assert training["steps"] == 3 and training["tasks"] == TASKS
+    # validation ran after the last step, so Omega per task comes from it, with the target of that step
+    assert training["sparsity_source"] == "last validation pass"
+    assert training["sparsity"] == {t: training["final_metrics"][f"val/sparsity/{t}"] for t in TASKS}
+    objective = OmegaConf.load(CONF / "objective" / "lm.yaml")
+    schedule = TargetSchedule(end=objective.target, start=objective.target_start, ramp_steps=objective.ramp_steps)
+    assert training["targets"] == {t: pytest.approx(schedule.target(t, 3)) for t in TASKS}
+    assert training["task_types"] == {"niah_single": "retrieval", "fwe": "holistic"}
+    assert "| retrieval | niah_single |" in (Path(second["router_dir"]) / "README.md").read_text()
     trained_state = router_state(load_ckpt(Path(second["output_dir"]) / "checkpoints" / "last.ckpt"))
     trained = LayerRouter(TINY_LAYERS, TINY_HEAD_DIM, loaded.config)
     trained.load_state_dict(trained_state)
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, trained_state[k])
 
-    backbone = load_backbone(str(tiny_dir), dtype="float32")
-    model = FluxModel(backbone, pattern=flux.train.build_pattern(compose_train(tiny_overrides(tiny_dir, None))))
+    model = FluxModel(backbone, pattern=build_pattern(compose_train(tiny_overrides(tiny_dir, None))))
     data = FluxDataModule(backbone.tokenizer, tasks=TASKS, n_train=1, n_val=1, length_tokens=64, batch_size=2)
     data.setup()
     batch = next(iter(data.val_dataloader()))
@@ -199,13 +196,104 @@ def test_resume_refuses_a_checkpoint_of_another_backbone(resumed, tiny_dir, tmp_
 
 
 def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
+    killed = [tmp_path / ".step000010.ckpt.a1b2c3.tmp", tmp_path / ".last.ckpt.d4e5f6.tmp"]  # a SIGKILLed run's temps
+    for p in killed:
+        p.write_bytes(b"half a checkpoint")
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": torch.tensor(1)}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the first save swept the stale temps
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
     with pytest.raises(Exception, match="pickle"):
         io.save_checkpoint({"step": torch.tensor(2), "unpicklable": lambda: None}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
     assert int(torch.load(target, weights_only=False)["step"]) == 1
+
+
+# -- the quickstart: validation, progress bar, summary ----------------------------------------------------------
+
+QUICK = ["data.tasks=[niah_single,fwe]", "data.length_tokens=128", "data.max_tokens=256", "trainer.max_steps=4",
+         "trainer.val_check_interval=2"]
+
+
+def test_quickstart_config_validates_every_task_more_than_once():
+    """The quickstart (`python -m flux.train`, no overrides) must validate during its run: an epoch of its data is
+    longer than the run, so validation is counted in steps, and each pass covers the whole validation split."""
+    cfg = compose_train(["output_dir=unused"]).copy()
+    trainer, data = cfg.trainer, cfg.data
+    assert trainer.check_val_every_n_epoch is None and 2 * trainer.val_check_interval <= trainer.max_steps
+    split = len(data.tasks) * data.n_val * (1 if isinstance(data.length_tokens, int) else len(data.length_tokens))
+    assert trainer.limit_val_batches * (data.val_batch_size or data.batch_size) >= split
+
+
+@pytest.fixture(scope="module")
+def quickstart(tiny_dir, tmp_path_factory):
+    """`python -m flux.train` with the quickstart's trainer, logger (W&B offline) and data settings, shortened
+    (QUICK) and on the tiny backbone so it takes seconds; its output (progress bar and end-of-run summary) is kept."""
+    out = tmp_path_factory.mktemp("quickstart")
+    cmd = [sys.executable, "-m", "flux.train", f"backbone.source={tiny_dir}", "backbone.dtype=float32", *QUICK,
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, check=False, cwd=out, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quickstart_validates_every_task_and_maps_each_validation_pass(quickstart):
+    out, _ = quickstart
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    tasks, every, steps = list(cfg.data.tasks), cfg.trainer.val_check_interval, cfg.trainer.max_steps
+    passes = list(range(every, steps + 1, every))
+    assert len(passes) >= 2  # the quickstart validates more than once
+    for step in passes:
+        records = [json.loads(line) for line in (out / "routing_maps" / f"val_step{step:06d}.routing.jsonl").open()]
+        assert len(records) == len(tasks) * cfg.data.n_val  # the whole validation split, every task
+        assert {r["task"] for r in records} == set(tasks) and all(r["score"] is None for r in records)
+        assert (out / "routing_maps" / f"val_step{step:06d}.png").stat().st_size > 10_000
+    val = metric_rows(out, "val/sparsity_hard")
+    assert sorted(val) == [s - 1 for s in passes]  # Lightning files validation under the last training step
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # real W&B offline run files beside the CSV
+
+
+def test_quickstart_progress_bar_shows_loss_sparsity_target_and_multipliers(quickstart):
+    out, proc = quickstart
+    final = {k: v[max(v)] for k, v in ((k, metric_rows(out, k)) for k in
+                                        ("train/loss", "train/sparsity_hard", "train/target", "train/lambda1"))}
+    bar = proc.stdout.replace("\r", "\n").splitlines()  # Lightning draws its bars on stdout
+    last = [line for line in bar if "Epoch" in line and "loss=" in line][-1]
+    assert f"loss={final['train/loss']:.3f}" in last
+    assert f"Ω={final['train/sparsity_hard']:.2f}" in last and f"target={final['train/target']:.2f}" in last
+    assert f"λ1={final['train/lambda1']:.3g}" in last and "λ2=" in last and "val Ω=" in last
+
+
+def test_quickstart_ends_with_a_summary(quickstart):
+    out, proc = quickstart
+    summary = json.loads((out / "router" / "router.json").read_text())["training"]
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("flux.train: "))
+    text = "\n".join(lines[start:])
+    assert f"flux.train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}" in text
+    assert "sparsity Ω per task (last validation pass) vs target:" in text
+    for task in summary["tasks"]:
+        assert (f"  {task:<24} {summary['task_types'][task]:<10} Ω {summary['sparsity'][task]:.2f}  "
+                f"target {summary['targets'][task]:.2f}") in text
+    assert f"router       {out / 'router'}  (router.safetensors, router.json, README.md)" in text
+    assert f"metrics.csv  {out / 'csv' / 'version_0' / 'metrics.csv'}" in text
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    assert f"W&B run      {run_dir}  (offline; upload with: wandb sync {run_dir})" in text
+
+
+def test_readme_jsonl_example_trains_on_a_small_file(tiny_dir, tmp_path):
+    """README: `python -m flux.train data=jsonl data.train_files=[train.jsonl]` with a file of a few records."""
+    records = [{"context": f"Note {i}: the locker code is {1000 + i}. " + "Routine entries follow. " * 20,
+                "question": f"What is the locker code in note {i}?", "answer": str(1000 + i)} for i in range(6)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = flux.train.run(compose_train([f"backbone.source={tiny_dir}", "backbone.dtype=float32", "data=jsonl",
+                                           f"data.train_files=[{train}]", "logger=csv", f"output_dir={tmp_path / 'run'}"]))
+    summary = result["summary"]
+    assert summary["steps"] == 20 and summary["sparsity_source"] == "last validation pass"
+    assert list(summary["sparsity"]) == ["sft"]  # records without a task field share the task "sft"
+    assert load_router(result["router_dir"])[1]["training"]["steps"] == 20
 
 
 # -- clear errors ------------------------------------------------------------------------------------------------
@@ -280,7 +368,7 @@ def test_experiment_configs_compose_with_their_values(experiment, tmp_path):
         assert OmegaConf.select(cfg, key) == value, key
     assert max(cfg.data.length_tokens) < cfg.data.max_tokens  # room for the chat template around a prompt
     # the objects the entry point builds before touching weights come out of this config
-    assert flux.train.build_pattern(cfg).describe()["window"] == cfg.sparse.window
+    assert build_pattern(cfg).describe()["window"] == cfg.sparse.window
     router = flux.train.build_router(cfg, num_layers=4, head_dim=8)
     assert router.config.tau == cfg.router.tau_start
     assert TargetSchedule(end=cfg.objective.target, start=cfg.objective.target_start,
@@ -298,7 +386,7 @@ def test_sweep_overrides_expand_and_every_job_composes(tmp_path):
     for job in jobs:
         cfg = compose_train([*job, f"output_dir={tmp_path}"])
         seen.add((cfg.sparse.window, cfg.objective.target, cfg.router.tau_start))
-        assert flux.train.build_pattern(cfg).window == cfg.sparse.window
+        assert build_pattern(cfg).window == cfg.sparse.window
     assert seen == set(itertools.product([128, 256], [0.3, 0.5], [1.0, 1.5]))
 
 
@@ -312,13 +400,13 @@ def test_pattern_sweep_composes_each_pattern_with_its_defaults(tmp_path):
     built = {}
     for name in parsed.sweep_string_iterator():
         cfg = compose_train([f"sparse={name}", f"output_dir={tmp_path}"])
-        built[name] = flux.train.build_pattern(cfg)
+        built[name] = build_pattern(cfg)
     assert built["streaming"].describe() == {"pattern": "streaming", "sink": 64, "window": 256}
     assert built["triangle"].describe() == {"pattern": "triangle", "sink": 64, "window": 256, "last_q": 64}
     assert built["xattn"].describe() == {"pattern": "xattn", "block_size": 128, "stride": 8, "threshold": 0.9,
                                          "density": None}
     cfg = compose_train(["sparse=triangle", "sparse.last_q=7", "sparse.window=33", f"output_dir={tmp_path}"])
-    assert flux.train.build_pattern(cfg).describe() == {"pattern": "triangle", "sink": 64, "window": 33,
+    assert build_pattern(cfg).describe() == {"pattern": "triangle", "sink": 64, "window": 33,
                                                         "last_q": 7}
 
 
@@ -417,14 +505,15 @@ def test_smollm2_run_logs_and_exports(smollm2_run):
     assert sorted(tau) == [0, 1, 2]
     for step, value in tau.items():
         assert value == pytest.approx(cosine_tau(step, 3, 1.5, 1.0, 0.6), abs=1e-6)
-    loaded, meta = load_router(result["router_dir"], backbone_name=SMOLLM2_NAME, num_layers=30)
+    loaded, meta = load_router(result["router_dir"], captured["backbone"])
+    assert meta["backbone"] == SMOLLM2_NAME and meta["num_layers"] == 30
     assert meta["training"]["steps"] == 3
     for k, v in captured["router"].state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.float())
 
     # the reloaded router decides exactly as the trained one on the same input
     backbone = captured["backbone"]
-    model = FluxModel(backbone, pattern=flux.train.build_pattern(compose_train(SMALL_DATA + ["output_dir=unused"])))
+    model = FluxModel(backbone, pattern=build_pattern(compose_train(SMALL_DATA + ["output_dir=unused"])))
     ids = backbone.tokenizer("The archive lists " + "old maps, letters and ledgers; " * 5,
                              return_tensors="pt")["input_ids"]
     logits = []
@@ -499,7 +588,8 @@ def test_multirun_sweep_trains_one_router_per_job_each_in_its_own_wandb_run(tiny
     for job, target in (("0", 0.3), ("1", 0.5)):
         overrides = OmegaConf.load(sweep_dir / job / ".hydra" / "overrides.yaml")
         assert f"objective.target={target}" in overrides
-        _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
+        _, meta = load_router(sweep_dir / job / "router")
+        assert meta["num_layers"] == TINY_LAYERS
         assert meta["training"]["steps"] == 1
         (run_dir,) = (sweep_dir / job / "wandb").glob("offline-run-*")  # each job has its own run
         facts, config, summary = wandb_run_summary(run_dir)
@@ -539,7 +629,8 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_dir,
     assert (result["global_step"], result["steps_this_run"], result["resumed_from"]) == (step + 2, 2, step)
     resumed = load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert adam_steps(resumed) == {float(step + 2)}
-    assert load_router(result["router_dir"], num_layers=TINY_LAYERS)[1]["training"]["steps"] == step + 2
+    meta = load_router(result["router_dir"])[1]
+    assert meta["num_layers"] == TINY_LAYERS and meta["training"]["steps"] == step + 2
 
 
 @pytest.mark.slow
@@ -554,7 +645,8 @@ def test_multirun_over_patterns_records_each_pattern(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     recorded = {}
     for job in ("0", "1", "2"):
-        _, meta = load_router(sweep_dir / job / "router", num_layers=TINY_LAYERS)
+        _, meta = load_router(sweep_dir / job / "router")
+        assert meta["num_layers"] == TINY_LAYERS
         recorded[meta["sparse"]["pattern"]] = meta["sparse"]
         assert meta["training"]["steps"] == 1
     assert recorded == {"streaming": {"pattern": "streaming", "sink": 64, "window": 256},
@@ -573,7 +665,7 @@ def test_ddp_with_two_cpu_processes_trains_and_exports(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran under the same Hydra run folder
-    loaded, meta = load_router(run_dir / "router", backbone_name=str(tiny_dir), num_layers=TINY_LAYERS)
+    loaded, meta = load_router(run_dir / "router", load_backbone(str(tiny_dir)))
     assert meta["training"]["steps"] == 2
     ckpt = load_ckpt(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
@@ -666,7 +758,7 @@ def test_resume_at_max_steps_exports_the_checkpoints_router_and_says_so(resumed,
     line = flux.train.summary_line(result)
     assert "already at step 2 >= trainer.max_steps=2: nothing left to train" in line
     assert line.endswith(f"exported its router to {tmp_path / 'router'}")
-    loaded, meta = load_router(tmp_path / "router", backbone_name=str(tiny_dir), num_layers=TINY_LAYERS)
+    loaded, meta = load_router(tmp_path / "router", load_backbone(str(tiny_dir)))
     assert meta["training"]["steps"] == 2 and meta["sparse"] == {"pattern": "streaming", "sink": 4, "window": 16}
     for k, v in router_state(load_ckpt(last)).items():
         assert torch.equal(loaded.state_dict()[k], v.float())

@@ -13,6 +13,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from flux import viz
+from flux.evals.results import summarize
 
 
 def _rec(sample_id: str, task: str, decisions: list[int], gates: list[float] | None = None,
@@ -21,11 +22,12 @@ def _rec(sample_id: str, task: str, decisions: list[int], gates: list[float] | N
             "gates": gates, "score": None}
 
 
-def _run(routing: str, sparsity: float, score: float, rows: list[dict] | None = None,
+def _run(routing: str, sparsity: float = 0.0, score: float = 0.0, rows: list[dict] | None = None,
          source: str | None = None) -> dict[str, Any]:
+    """One run in the results.json schema: a single row at (sparsity, score), or the given rows."""
     rows = rows or [{"task": "qa", "length": 100, "n": 1, "score": score, "sparsity": sparsity}]
     run = {"backbone": "test", "routing": routing, "sparse": {"pattern": "streaming", "sink": 4, "window": 8},
-           "results": rows, "summary": {"score": score, "sparsity": sparsity}}
+           "results": rows, "summary": summarize(rows)}
     return run | ({"source": source} if source else {})
 
 
@@ -49,12 +51,19 @@ def test_routing_heatmap_groups_samples_by_task() -> None:
     assert image.cmap(image.norm(1)) == to_rgba(viz.SA_COLOR)
     assert _legend_texts(fig) == ["FA (full)", "SA (sparse)", "alpha", "beta"]
     assert "SA fraction 50%" in fig.get_suptitle()
+    # one x tick per task block, at its centre, named with its sample count; every layer labelled
+    assert list(map_ax.get_xticks()) == [0.5, 2.5]
+    assert [t.get_text() for t in map_ax.get_xticklabels()] == ["alpha (2)", "beta (2)"]
+    assert list(map_ax.get_yticks()) == [0, 1, 2]
 
 
 def test_routing_heatmap_on_fixture_file_has_layers_by_samples(tmp_path: Path) -> None:
     path = fx.write_jsonl(tmp_path / "routing.jsonl", fx.routing_records("router", num_layers=30, per_cell=2))
     fig = viz.routing_heatmap(viz.load_routing(path, num_layers=30))
     assert fig.axes[1].images[0].get_array().shape == (30, len(fx.TASKS) * len(fx.LENGTHS) * 2)
+    assert list(fig.axes[1].get_yticks()) == list(range(30))
+    deep = viz.routing_heatmap(fx.routing_records("router", num_layers=80, per_cell=1))
+    assert list(deep.axes[1].get_yticks()) == list(range(0, 80, 5))  # about 16 labels for a deep model
 
 
 def test_routing_heatmap_rejects_wrong_layer_count() -> None:
@@ -83,7 +92,19 @@ def test_sparsity_distribution_points_are_per_sample_sparsity() -> None:
     assert by_task == [[0.5, 1.0], [0.25]]
     by_length = [sorted(c.get_offsets()[:, 1]) for c in length_ax.collections]
     assert by_length == [[0.25, 0.5], [1.0]]
-    assert [t.get_text() for t in length_ax.get_xticklabels()] == ["10", "20"]
+    assert [t.get_text() for t in length_ax.get_xticklabels()] == ["10\n(n=2)", "20\n(n=1)"]
+
+
+def test_length_buckets_group_many_prompt_lengths_by_powers_of_two() -> None:
+    # prompts of 1k / 4k / 8k evaluation cells are a few tokens short of their cell's length
+    lengths = [1000, 1010, 1020, 3919, 3990, 4000, 4096, 8100, 8190]
+    assert viz.length_buckets(lengths) == [(512, 1024, "512–1k"), (2048, 4096, "2k–4k"), (4096, 8192, "4k–8k")]
+    records = [_rec(f"s{i}", "a", [int(i % 2 == 0), 1], length=n) for i, n in enumerate(lengths)]
+    length_ax = viz.sparsity_distribution(records).axes[1]
+    assert [t.get_text() for t in length_ax.get_xticklabels()] == ["512–1k\n(n=3)", "2k–4k\n(n=4)", "4k–8k\n(n=2)"]
+    by_bucket = [sorted(c.get_offsets()[:, 1]) for c in length_ax.collections]
+    assert by_bucket == [[0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [0.5, 1.0]]
+    assert viz.length_buckets([7, 9, 9]) == [(6, 7, "7"), (8, 9, "9")]  # few lengths: one box each
 
 
 def test_pareto_front_hand_example() -> None:
@@ -109,8 +130,8 @@ def test_quality_vs_sparsity_tells_same_routing_runs_apart_and_plots_one_task() 
     rows = [{"task": "qa", "length": 1, "n": 1, "score": 1.0, "sparsity": 0.0},
             {"task": "qa", "length": 2, "n": 3, "score": 0.0, "sparsity": 1.0},
             {"task": "sum", "length": 1, "n": 1, "score": 0.5, "sparsity": 0.5}]
-    runs = [_run("router", 0.3, 0.9, rows, source="sweep/t03/results.json"),
-            _run("router", 0.5, 0.8, rows, source="sweep/t05/results.json")]
+    runs = [_run("router", rows=rows, source="sweep/t03/results.json"),
+            _run("router", rows=rows, source="sweep/t05/results.json")]
     fig = viz.quality_vs_sparsity(runs, task="qa")
     (ax,) = fig.axes
     assert sorted(t.get_text() for t in ax.texts) == ["router (t03)", "router (t05)"]

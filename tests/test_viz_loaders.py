@@ -36,7 +36,7 @@ def test_load_routing_missing_file_names_path_and_producer(tmp_path: Path) -> No
 
 def test_load_routing_rejects_records_with_differing_layer_counts(tmp_path: Path) -> None:
     path = fx.write_jsonl(tmp_path / "routing.jsonl", [_record([0, 1, 1]), _record([0, 1])])
-    with pytest.raises(ValueError, match=r"routing\.jsonl:2: has 2 layers but the first record .* has 3"):
+    with pytest.raises(ValueError, match=r"routing\.jsonl:2: 2 layers, the first line has 3"):
         viz.load_routing(path)
 
 
@@ -48,23 +48,24 @@ def test_load_routing_rejects_other_backbone_layer_count(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(("line", "message"), [
     ("{not json", r"routing\.jsonl:1: invalid JSON"),
-    (json.dumps(_record([0, 2])), r"decisions must hold only 0 \(FA\) or 1 \(SA\)"),
-    (json.dumps(_record([0, 1], gates=[0.5])), r"gates must be null or a list with one FA probability per layer"),
-    (json.dumps(_record([0, 1], gates=[0.5, 1.5])), r"gates must be probabilities in \[0, 1\]"),
-    (json.dumps(_record([0, 1], task_type="math")), r"task_type='math' is not one of"),
-    (json.dumps({"id": "x", "task": "qa"}), r"missing key\(s\) \['task_type', 'length', 'decisions'\]"),
+    (json.dumps(_record([0, 2])), r"decisions must be a non-empty list of 0/1 \(1 = SA\)"),
+    (json.dumps(_record([0, 1], gates=[0.5])), r"gates must be null or one number per layer \(2\)"),
+    (json.dumps(_record([0, 1], gates=[0.5, 1.5])), r"gate=1\.5 must be a number in \[0, 1\]"),
+    (json.dumps(_record([0, 1], task_type="math")), r"task_type='math' must be one of"),
+    (json.dumps({"id": "x", "task": "qa"}),
+     r"missing \['task_type', 'length', 'decisions', 'gates', 'score'\]"),
 ])
 def test_load_routing_rejects_malformed_lines(tmp_path: Path, line: str, message: str) -> None:
     path = tmp_path / "routing.jsonl"
     path.write_text(line + "\n", encoding="utf-8")
-    with pytest.raises(viz.VizInputError, match=message):
+    with pytest.raises(viz.INPUT_ERRORS, match=message):
         viz.load_routing(path)
 
 
 def test_load_routing_rejects_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "routing.jsonl"
     path.write_text("\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="holds no routing records"):
+    with pytest.raises(ValueError, match="holds no records"):
         viz.load_routing(path)
 
 
@@ -89,7 +90,7 @@ def test_load_results_rejects_empty_results(tmp_path: Path) -> None:
     run = fx.results_from("router", fx.routing_records("router", num_layers=4)) | {"results": []}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(run), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"results\.json has no results \(empty 'results' list\).*rerun"):
+    with pytest.raises(ValueError, match=r"results\.json: 'results' must be a non-empty list of rows"):
         viz.load_results(path)
 
 
@@ -149,3 +150,27 @@ def test_load_metrics_errors(tmp_path: Path) -> None:
         viz.load_metrics(path)
     with pytest.raises(FileNotFoundError, match=r"metrics\.csv not found"):
         viz.load_metrics(tmp_path / "run" / "metrics.csv")
+
+
+def test_find_run_files_picks_the_router_then_the_last_validation_pass(tmp_path: Path) -> None:
+    root = fx.write_example_run(tmp_path / "sweep", num_layers=4)  # dense/, router/, ... with results and routing
+    for step in (10, 20):
+        fx.write_jsonl(root / "train" / "routing_maps" / f"val_step{step:06d}.routing.jsonl",
+                       fx.routing_records("router", num_layers=4))
+    files = viz.find_run_files(root)
+    assert len(files.results) == len(fx.ROUTINGS) and len(files.routing) == len(fx.ROUTINGS) + 2
+    assert files.routing_file() == root / "router" / "routing.jsonl"  # an evaluated router first
+    (root / "router" / "results.json").write_text("{broken", encoding="utf-8")  # reported by load_results instead
+    assert files.routing_file() == root / "train" / "routing_maps" / "val_step000020.routing.jsonl"
+    assert viz.find_run_files(root / "dense").routing_file() == root / "dense" / "routing.jsonl"
+    assert files.metrics_file() == root / "metrics.csv" and files.bench_file() == root / "bench.json"
+
+
+def test_find_run_files_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"run folder .*nowhere not found"):
+        viz.find_run_files(tmp_path / "nowhere")
+    files = viz.find_run_files(tmp_path)
+    for pick, message in ((files.routing_file, "no routing.jsonl under"), (files.metrics_file, "no metrics.csv under"),
+                          (files.bench_file, "no bench.json under")):
+        with pytest.raises(viz.VizFileNotFoundError, match=message):
+            pick()

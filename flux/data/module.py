@@ -75,8 +75,10 @@ class FluxDataModule(L.LightningDataModule):
     Synthetic settings (``synthetic`` and ``mixture``): ``tasks``, ``n_train`` / ``n_val`` per task and length,
     ``length_tokens``, ``train_seed`` / ``val_seed``, ``haystack`` ("noise" or "text"), ``task_options`` (per-task
     option overrides) and ``system`` (system message of synthetic prompts; None keeps the template's default).
-    File settings (``jsonl``, ``parquet``, ``mixture``): ``train_files``, ``val_files`` (or ``n_val`` held-out
-    records, picked with ``val_seed``), ``default_task_type`` for records without one; records bring their own
+    File settings (``jsonl``, ``parquet``, ``mixture``): ``train_files``, ``val_files`` (or held-out records, picked
+    with ``val_seed``: the share ``val_fraction`` of them, at least one, so a small file works as well as a large
+    one; or ``n_val`` of them when ``val_fraction`` is None), ``default_task_type`` for records without one; records
+    bring their own
     system message. ``weights`` only for ``mixture``. ``max_tokens`` caps every prompt (see the module docstring).
 
     ``task_names`` (ordered; ``task_ids`` in batches index it) and ``task_types`` (task -> "retrieval"/"holistic")
@@ -98,6 +100,7 @@ class FluxDataModule(L.LightningDataModule):
         task_options: Mapping[str, Mapping[str, Any]] | None = None,
         train_files: Sequence[str] = (),
         val_files: Sequence[str] = (),
+        val_fraction: float | None = None,
         default_task_type: str = "holistic",
         weights: Mapping[str, float] | None = None,
         batch_size: int = 1,
@@ -133,6 +136,7 @@ class FluxDataModule(L.LightningDataModule):
             self._check_synthetic()
         self.train_files = [str(p) for p in train_files]
         self.val_files = [str(p) for p in val_files]
+        self.val_fraction = val_fraction
         if self.uses_files:
             self._check_files()
         self.default_task_type = default_task_type
@@ -164,7 +168,10 @@ class FluxDataModule(L.LightningDataModule):
         for path in self.train_files + self.val_files:
             if not Path(path).is_file():
                 raise UserFileNotFoundError(f"data file {path!r} does not exist; fix data.train_files / data.val_files")
-        if not self.val_files and self.n_val < 1:
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction} must lie in (0, 1): the share of the training "
+                             "records held out for validation (or null to hold out n_val records)")
+        if not self.val_files and self.val_fraction is None and self.n_val < 1:
             raise ConfigError("without val_files, n_val records are held out for validation; set n_val >= 1")
 
     def _check_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -194,14 +201,19 @@ class FluxDataModule(L.LightningDataModule):
             if self.val_files:
                 val = read_sft_records(self.val_files, self.default_task_type)
             else:
-                if self.n_val >= len(train):
+                if self.val_fraction is None:
+                    n_held, setting = self.n_val, f"n_val={self.n_val}"
+                else:
+                    n_held = max(1, round(self.val_fraction * len(train)))
+                    setting = f"val_fraction={self.val_fraction} ({n_held} records)"
+                if n_held >= len(train):
                     raise ConfigError(
-                        f"n_val={self.n_val} held-out records leave none of the {len(train)} training records; "
-                        "lower n_val or give val_files"
+                        f"{setting} held-out records leave none of the {len(train)} training records; "
+                        "give more records, hold out fewer, or give val_files"
                     )
                 order = list(range(len(train)))
                 random.Random(self.val_seed).shuffle(order)
-                held = set(order[: self.n_val])
+                held = set(order[:n_held])
                 val = [r for i, r in enumerate(train) if i in held]
                 train = [r for i, r in enumerate(train) if i not in held]
             self._file_records = (train, val)

@@ -13,6 +13,15 @@ samples. routing.jsonl has one line per sample: `{"id", "task", "task_type", "le
 `length` the number of prompt tokens the model saw; generation tasks add `prediction` (the decoded output) and
 `answers` (the references it was scored against). flux.evaluate appends the lines as samples finish and rebuilds
 results.json from them, so the file is also what a resumed evaluation continues from.
+Training writes the same lines for its validation passes, with `score` null (no reference answer is scored
+there).
+
+bench.json is what `python -m flux.bench` writes (sections env, config, prefill, decode, ...); `read_bench` turns it
+into the flat timing rows the figures read: `{"device", "backbone", "dense_backend", "rows": [{"phase", "context",
+"batch", "sa_fraction", "ms", "speedup", ...}]}` (a file already in that flat form is read as it is).
+
+This module is the one schema for the three files: flux.evaluate writes through it, flux.viz and the notebooks read
+through it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from flux.evals.io import existing_file, read_jsonl, read_text
 
 RESULTS_FILE = "results.json"
 ROUTING_FILE = "routing.jsonl"
+BENCH_FILE = "bench.json"
+BENCH_PHASES = ("prefill", "decode")
+BENCH_ROW_KEYS = ("phase", "context", "batch", "sa_fraction", "ms", "speedup")
 TOP_KEYS = ("backbone", "routing", "sparse", "results", "summary")
 ROW_KEYS = ("task", "length", "n", "score", "sparsity")
 SUMMARY_KEYS = ("score", "sparsity")
@@ -193,14 +205,19 @@ def write_results(results: Mapping[str, Any], *paths: str | Path) -> list[Path]:
     return written
 
 
+def _read_json(path: str | Path, filename: str, what: str) -> tuple[Path, Any]:
+    """(file, parsed content) of a JSON file given as its path or as the folder holding `filename`."""
+    p = Path(path)
+    p = existing_file(p / filename if p.is_dir() else p, what)
+    try:
+        return p, json.loads(read_text(p, what))
+    except json.JSONDecodeError as err:
+        raise ResultsFormatError(f"{p}:{err.lineno}: invalid JSON ({err.msg}); rerun what wrote it") from err
+
+
 def read_results(path: str | Path) -> dict[str, Any]:
     """Read and validate one results.json (or the results.json of a run folder)."""
-    p = Path(path)
-    p = existing_file(p / RESULTS_FILE if p.is_dir() else p, "results")
-    try:
-        obj = json.loads(read_text(p, "results"))
-    except json.JSONDecodeError as err:
-        raise ResultsFormatError(f"{p}:{err.lineno}: invalid JSON ({err.msg})") from err
+    p, obj = _read_json(path, RESULTS_FILE, "results")
     return validate_results(obj, str(p))
 
 
@@ -236,7 +253,8 @@ def write_routing(path: str | Path, records: Iterable[SampleRecord]) -> Path:
     return p
 
 
-def _check_routing_line(rec: Mapping[str, Any], loc: str) -> None:
+def check_routing_record(rec: Any, loc: str) -> None:
+    """Check one routing.jsonl record (a parsed line, or a record in memory); `loc` names it in the message."""
     _exact_keys(rec, ROUTING_KEYS, loc, optional=ROUTING_OPTIONAL_KEYS)
     if "prediction" in rec and not isinstance(rec["prediction"], str):
         raise ResultsFormatError(f"{loc}: prediction must be a string, got {type(rec['prediction']).__name__}")
@@ -258,7 +276,8 @@ def _check_routing_line(rec: Mapping[str, Any], loc: str) -> None:
         raise ResultsFormatError(f"{loc}: gates must be null or one number per layer ({len(decisions)})")
     for g in gates or ():
         _fraction(g, "gate", loc)
-    _fraction(rec["score"], "score", loc)
+    if rec["score"] is not None:  # null: a training-time record, nothing scored
+        _fraction(rec["score"], "score", loc)
 
 
 def read_routing(path: str | Path) -> list[dict[str, Any]]:
@@ -267,9 +286,66 @@ def read_routing(path: str | Path) -> list[dict[str, Any]]:
     p = p / ROUTING_FILE if p.is_dir() else p
     out: list[dict[str, Any]] = []
     for loc, rec in read_jsonl(p, "routing"):
-        _check_routing_line(rec, loc)
+        check_routing_record(rec, loc)
         if out and len(rec["decisions"]) != len(out[0]["decisions"]):
             raise ResultsFormatError(f"{loc}: {len(rec['decisions'])} layers, the first line has "
                                      f"{len(out[0]['decisions'])}; one file holds one backbone's run")
         out.append(rec)
     return out
+
+
+def validate_bench(bench: Any, source: str) -> dict[str, Any]:
+    """Check flat bench content: device/backbone strings and a non-empty list of timing rows; returns a dict copy."""
+    if not isinstance(bench, Mapping):
+        raise ResultsFormatError(f"{source}: expected a JSON object, got {type(bench).__name__}")
+    missing = [k for k in ("device", "backbone", "rows") if k not in bench]
+    if missing:
+        raise ResultsFormatError(f"{source}: missing key(s) {missing}")
+    rows = bench["rows"]
+    if not isinstance(rows, list) or not rows:
+        raise ResultsFormatError(f"{source} has no rows; rerun `python -m flux.bench` on a GPU machine")
+    for i, row in enumerate(rows):
+        where = f"{source} rows[{i}]"
+        if not isinstance(row, Mapping):
+            raise ResultsFormatError(f"{where}: expected an object, got {row!r}")
+        missing = [k for k in BENCH_ROW_KEYS if k not in row]
+        if missing:
+            raise ResultsFormatError(f"{where}: missing key(s) {missing}")
+        if row["phase"] not in BENCH_PHASES:
+            raise ResultsFormatError(f"{where}: phase={row['phase']!r} is not one of {BENCH_PHASES}")
+        for key in ("context", "batch"):
+            if not _is_count(row[key], 1):
+                raise ResultsFormatError(f"{where}: {key}={row[key]!r} must be a positive int")
+        _fraction(row["sa_fraction"], "sa_fraction", where)
+        for key in ("ms", "speedup"):
+            if not _is_number(row[key]) or row[key] <= 0:
+                raise ResultsFormatError(f"{where}: {key}={row[key]!r} must be a positive number")
+    return dict(bench)
+
+
+def bench_rows(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Flatten the sectioned file `python -m flux.bench` writes into timing rows: prefill time to first token, and
+    decode time per token at the requested batch (the max-batch rows answer another question)."""
+    try:
+        cfg = raw["config"]["backbone"]
+        backbone = cfg if isinstance(cfg, str) else (f"{cfg.get('model_type', 'model')} "
+                                                     f"{cfg.get('num_hidden_layers', '?')} layers (random weights)")
+        rows = [{"phase": "prefill", "context": r["length"], "batch": r["batch"], "sa_fraction": r["sa_fraction"],
+                 "ms": r["ttft_ms"], "tokens_per_s": None, "peak_mem_gb": r.get("peak_mem_gib"),
+                 "speedup": r["speedup"]} for r in raw["prefill"]]
+        rows += [{"phase": "decode", "context": r["length"], "batch": r["batch"], "sa_fraction": r["sa_fraction"],
+                  "ms": r["ms_per_token"], "tokens_per_s": r.get("tokens_per_s"), "peak_mem_gb": r.get("peak_mem_gib"),
+                  "speedup": r["throughput_vs_dense_same_batch"]}
+                 for r in raw["decode"] if r.get("batch_kind", "fixed") == "fixed"]
+        return {"device": raw["env"]["gpu"], "backbone": backbone, "dense_backend": "best measured", "rows": rows}
+    except (KeyError, TypeError) as err:
+        raise ResultsFormatError(f"{source}: not a flux.bench result (missing {err}); rerun `python -m flux.bench`"
+                                 ) from None
+
+
+def read_bench(path: str | Path) -> dict[str, Any]:
+    """Read and validate bench.json (or the bench.json of a folder): flux.bench's sectioned file or flat rows."""
+    p, raw = _read_json(path, BENCH_FILE, "bench")
+    if isinstance(raw, Mapping) and "rows" not in raw and "prefill" in raw:
+        raw = bench_rows(raw, str(p))
+    return validate_bench(raw, str(p))
