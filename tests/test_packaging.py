@@ -87,7 +87,7 @@ def test_wheel_ships_every_module_and_config_but_no_top_level_kernels(wheel):
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "License-Expression: Apache-2.0" in text
     entry_points = zipfile.ZipFile(wheel).read(metadata.replace("METADATA", "entry_points.txt")).decode()
-    for script in ("flux-train", "flux-evaluate", "flux-bench", "flux-passkey", "flux-demo"):
+    for script in ("flux-train", "flux-evaluate", "flux-bench", "flux-passkey", "flux-demo", "flux-lm-eval"):
         assert f"{script} = flux." in entry_points
 
 
@@ -104,6 +104,6 @@ def test_installed_entry_points_compose_their_configs_outside_the_repo(installed
     job = yaml.safe_load(run([str(installed / "python"), "-m", "flux.evaluate", "eval=longbench", "--cfg", "job"],
                              tmp_path, env).stdout)
     assert job["eval"]["task"]["_target_"].startswith("flux.evals")
-    for script in ("flux-passkey", "flux-demo"):
-        assert "usage:" in run([str(installed / script), "--help"], tmp_path, env).stdout
+    for script in ("flux-passkey", "flux-demo", "flux-lm-eval"):
+        assert "usage:" in run([str(installed / script), "--help"], tmp_path, env).stdout.lower()
     assert not list(tmp_path.iterdir())  # --cfg job and --help write no outputs/ folder

@@ -615,7 +615,8 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_dir,
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints" / "step000003.ckpt").is_file():
+        # step 4's file exists only after last.ckpt was rewritten for step 3, so the kill finds last.ckpt >= 3
+        while not (run_dir / "checkpoints" / "step000004.ckpt").is_file():
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
             time.sleep(0.05)
     finally:
