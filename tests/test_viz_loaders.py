@@ -174,3 +174,16 @@ def test_find_run_files_names_what_is_missing(tmp_path: Path) -> None:
                           (files.bench_file, "no bench.json under")):
         with pytest.raises(viz.VizFileNotFoundError, match=message):
             pick()
+
+
+def test_generate_section_bench_reads_and_plots() -> None:
+    """A bench.json from the engine's `generate` section (the committed H200 run) flattens into prefill and decode
+    rows against the engine's dense plan, and the speed figure draws from it."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "speed" / "h200_engine_v1" / "a"
+    bench = viz.load_bench(path)
+    phases = {(r["phase"], r["context"], r["batch"]) for r in bench["rows"]}
+    assert ("prefill", 131072, 1) in phases and ("decode", 32768, 8) in phases
+    dense = [r for r in bench["rows"] if r["sa_fraction"] == 0.0]
+    assert dense and all(r["speedup"] == 1.0 for r in dense)
+    assert max(r["speedup"] for r in bench["rows"] if r["phase"] == "prefill") > 2.5  # all-SA at 128k
+    assert viz.speedup_vs_length(bench).axes

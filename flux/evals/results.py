@@ -323,13 +323,39 @@ def validate_bench(bench: Any, source: str) -> dict[str, Any]:
     return dict(bench)
 
 
+def _generate_rows(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Timing rows from the `generate` section (FluxModel.generate end to end): each router or dense call gives a
+    prefill row (time to first token, vs the engine's dense plan) and a decode row (ms per token; speedup = dense
+    decode time / this decode time at the same batch). transformers' rows and the fixed-plan comparisons stay in
+    bench.json; the max-batch rows answer another question."""
+    ok = [r for r in rows if "error" not in r and r.get("plan") in ("dense", "router")
+          and r.get("batch_kind", "fixed") == "fixed" and r.get("ttft_ms") and r.get("decode_ms_per_token")]
+    out = []
+    for r in ok:
+        dense = next((d for d in ok if d["plan"] == "dense" and d["length"] == r["length"]
+                      and d["batch"] == r["batch"]), None)
+        if dense is None:
+            continue
+        common = {"context": r["length"], "batch": r["batch"], "sa_fraction": r["sa_fraction"],
+                  "peak_mem_gb": r.get("peak_gib")}
+        out.append({"phase": "prefill", **common, "ms": r["ttft_ms"], "tokens_per_s": None,
+                    "speedup": dense["ttft_ms"] / r["ttft_ms"]})
+        out.append({"phase": "decode", **common, "ms": r["decode_ms_per_token"], "tokens_per_s": r.get("tokens_per_s"),
+                    "speedup": dense["decode_ms_per_token"] / r["decode_ms_per_token"]})
+    return out
+
+
 def bench_rows(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Flatten the sectioned file `python -m flux.bench` writes into timing rows: prefill time to first token, and
-    decode time per token at the requested batch (the max-batch rows answer another question)."""
+    decode time per token at the requested batch. Files from the `generate` section (the engine, end to end) and
+    from the earlier `prefill`/`decode` sections (fixed plans) both read."""
     try:
         cfg = raw["config"]["backbone"]
         backbone = cfg if isinstance(cfg, str) else (f"{cfg.get('model_type', 'model')} "
                                                      f"{cfg.get('num_hidden_layers', '?')} layers (random weights)")
+        if "generate" in raw:
+            return {"device": raw["env"]["gpu"], "backbone": backbone, "dense_backend": "the engine's dense plan",
+                    "rows": _generate_rows(raw["generate"]["rows"])}
         rows = [{"phase": "prefill", "context": r["length"], "batch": r["batch"], "sa_fraction": r["sa_fraction"],
                  "ms": r["ttft_ms"], "tokens_per_s": None, "peak_mem_gb": r.get("peak_mem_gib"),
                  "speedup": r["speedup"]} for r in raw["prefill"]]
@@ -346,6 +372,6 @@ def bench_rows(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
 def read_bench(path: str | Path) -> dict[str, Any]:
     """Read and validate bench.json (or the bench.json of a folder): flux.bench's sectioned file or flat rows."""
     p, raw = _read_json(path, BENCH_FILE, "bench")
-    if isinstance(raw, Mapping) and "rows" not in raw and "prefill" in raw:
+    if isinstance(raw, Mapping) and "rows" not in raw and ("prefill" in raw or "generate" in raw):
         raw = bench_rows(raw, str(p))
     return validate_bench(raw, str(p))
