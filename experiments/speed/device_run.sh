@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Run on the GPU machine from the repo root: the GPU tests (compiled kernels, the engine on CUDA), then the benchmark.
 #   bash experiments/speed/device_run.sh OUT_DIR [bench overrides...]
-# The GPU image has no editable install of flux, so `flux_kernels` is exposed through a symlink on PYTHONPATH, and
-# Hydra is not installed there, so the bench runs with --no-hydra (same conf/bench.yaml, same override syntax).
+# The GPU image has no install of flux, so `flux_kernels` (kernels/) and `flux.conf` (conf/) are exposed through
+# symlinks, as the wheel maps them, and Hydra is not installed there, so the bench runs with --no-hydra (same
+# conf/bench.yaml, same override syntax). Carry .whl (omegaconf, hydra-core, antlr4, gguf wheels) with the call.
 # SKIP_TESTS=1 skips the tests.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out" /tmp/flux_pkgs
 ln -sfn "$PWD/kernels" /tmp/flux_pkgs/flux_kernels
-export PYTHONPATH="/tmp/flux_pkgs:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -e flux/conf ] || ln -s ../conf flux/conf
+# wheels for what the GPU image lacks (omegaconf, hydra-core, antlr4, gguf), carried in .whl/ (see DESIGN.md)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="/tmp/flux_pkgs:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 } 2>&1 | tee "$out/gpu.txt"
