@@ -115,7 +115,7 @@ def test_answer_row_losses_equal_full_logits_with_the_same_router_gradients(fami
 def test_answer_row_losses_equal_full_logits_on_smollm2(smollm2):
     fm = FluxModel(smollm2, pattern=StreamingPattern(sink=4, window=32))
     router = new_router(smollm2)
-    batch = left_padded_batch(smollm2.config.vocab_size, [160, 131], [12, 7], seed=3)
+    batch = left_padded_batch(smollm2.config.vocab_size, [100, 83], [12, 7], seed=3)
     lm_ref, kl_ref, ref_out = full_logit_losses(fm, router, batch, seed=11)
     ref = router_grads(router, lm_ref + kl_ref)
     # the engine's teacher window is checked on the tiny models; here the student path at a real model's scale
