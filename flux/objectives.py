@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flux.errors import FluxUserError
 
@@ -38,6 +39,73 @@ def answer_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     s = student_logits[:, :-1][sel].float() / temperature
     t = teacher_logits[:, :-1][sel].float() / temperature
     return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean") * temperature ** 2
+
+
+# Answer rows whose fp32 logits one chunk of `answer_losses` holds at once (x vocabulary x 4 bytes, a few times over
+# for the log-softmax and its gradient): 256 rows of a 152k vocabulary are 150 MiB.
+ANSWER_CHUNK_ROWS = 256
+
+
+def answer_rows(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose logits the answer losses read (position t predicts labels[:, t + 1]).
+
+    The LM head only needs to run there: at 32k tokens on a 152k vocabulary the full [B, T, V] logits are ~10 GB in
+    bf16 per sample and twice that in fp32, while a synthetic answer is a few dozen tokens."""
+    rows = torch.zeros_like(labels, dtype=torch.bool)
+    rows[:, :-1] = labels[:, 1:] != -100
+    if not bool(rows.any()):
+        raise ObjectiveError("batch has no answer tokens to train on (every label is -100)")
+    return rows
+
+
+def answer_window(rows: torch.Tensor) -> int:
+    """How many trailing positions hold every answer row: the `logits_to_keep` that covers the answer losses for
+    a forward that can only keep the last k positions (the inference engine; answers sit at the end of left-padded
+    prompts, so k is about the longest answer)."""
+    used = rows.any(dim=0).nonzero()
+    return int(rows.shape[1] - used[0, 0]) if used.numel() else 0
+
+
+def answer_losses(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                  teacher_logits: torch.Tensor | None = None, temperature: float = 1.0,
+                  chunk_rows: int = ANSWER_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(answer LM loss, KL(teacher || student) or None) from the final hidden states of the answer rows only.
+
+    `hidden` [N, d] are the student's final (normed) hidden states at `answer_rows` (row-major order), `targets`
+    [N] the tokens they predict, `teacher_logits` [N, V] the all-FA teacher's logits at the same rows. Equal to
+    `answer_lm_loss` / `answer_kl` on full logits (within fp32 rounding), but the LM head runs on N rows instead of
+    B x T, in chunks of `chunk_rows`, and each chunk is checkpointed: its logits, their fp32 copy and the
+    log-softmaxes exist for one chunk at a time, in the forward and again in the backward."""
+    n = hidden.shape[0]
+    if n == 0:
+        raise ObjectiveError("batch has no answer tokens to train on (every label is -100)")
+    if targets.shape != (n,) or (teacher_logits is not None and teacher_logits.shape[0] != n):
+        raise ValueError(f"answer_losses needs one target (and teacher row) per hidden row: hidden {tuple(hidden.shape)}"
+                         f", targets {tuple(targets.shape)}, teacher "
+                         f"{None if teacher_logits is None else tuple(teacher_logits.shape)}")
+    with_kl = teacher_logits is not None
+
+    def chunk_sums(h: torch.Tensor, tgt: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        logits = lm_head(h).float()
+        ce = F.cross_entropy(logits, tgt, reduction="sum")
+        if teacher is None:
+            return ce[None]
+        s = (logits / temperature).log_softmax(-1)
+        t = (teacher.float() / temperature).log_softmax(-1)
+        return torch.stack([ce, F.kl_div(s, t, log_target=True, reduction="sum")])
+
+    total = hidden.new_zeros(2 if with_kl else 1, dtype=torch.float32)
+    for lo in range(0, n, chunk_rows):
+        hi = min(n, lo + chunk_rows)
+        teacher = teacher_logits[lo:hi] if with_kl else None
+        if hidden.requires_grad:
+            sums = checkpoint(chunk_sums, hidden[lo:hi], targets[lo:hi], teacher, use_reentrant=False)
+        else:
+            sums = chunk_sums(hidden[lo:hi], targets[lo:hi], teacher)
+        total = total + sums
+    lm = total[0] / n
+    kl = total[1] / n * temperature ** 2 if with_kl else None
+    return lm, kl
 
 
 @dataclass

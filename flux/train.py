@@ -7,6 +7,7 @@ router.tau_start=1.0,1.5 objective.target=0.3,0.5,0.7`.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -23,11 +24,13 @@ from flux.conf import CONFIG_PATH
 from flux.configs import build, build_backbone, build_pattern
 from flux.errors import ConfigError, report_user_errors, run_cli, warn
 from flux.lit import AtomicCheckpointIO, FluxLitModule
+from flux.memory import check_training_memory
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
 from flux.preflight import check_sa_backend, check_writable_dir, warn_if_window_covers
 from flux.resume import check_backbone, check_pattern, check_router, check_tasks, read_checkpoint
 from flux.router import LayerRouter, RouterConfig, export_router
+from flux.throughput import ThroughputCallback
 from flux.tracking import build_logger, close_loggers, log_config
 
 # Two Lightning warnings that describe flux's design, not a problem: the frozen backbone stays in eval mode (no
@@ -36,6 +39,14 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 ROUTER_KEYS = ("kind", "pool_size", "hidden", "init_fa_bias", "pooling", "read_layer", "threshold")
+
+
+def training_backbone(cfg: DictConfig):
+    """The backbone; `device: auto` (the random presets: weights made where they train) follows the trainer."""
+    device = cfg.backbone.get("device")
+    if device == "auto" and trainer_device_type(cfg.trainer) != "cuda":
+        device = "cpu"
+    return build_backbone(cfg, device=device)
 
 
 def router_config(cfg: DictConfig) -> RouterConfig:
@@ -68,6 +79,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, pattern_info: dict[str, Any]) 
     callbacks += [
         RoutingMapCallback(str(out_dir / "routing_maps"), every_n_steps=int(cfg.routing_map_every)),
         ExportRouterCallback(str(out_dir / "router"), pattern_info),
+        ThroughputCallback(),
         FluxProgressBar(refresh_rate=1),
     ]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -163,9 +175,9 @@ def check_target_tasks(target: TargetSchedule, tasks: list[str]) -> None:
                              f"names: {', '.join(tasks)}")
 
 
-def check_prompt_lengths(data: Any, pattern: Any, max_positions: int) -> None:
+def check_prompt_lengths(data: Any, pattern: Any, max_positions: int) -> int:
     """Tokenise the data now (Lightning would do it inside fit) and compare its longest prompt with the backbone's
-    positions and the sparse window."""
+    positions and the sparse window; returns that longest prompt."""
     data.setup("fit")
     lengths = [len(ds[i]) for ds in (data.train_dataset, data.val_dataset) for i in range(len(ds))]
     longest = max(lengths, default=0)
@@ -173,6 +185,30 @@ def check_prompt_lengths(data: Any, pattern: Any, max_positions: int) -> None:
         raise ConfigError(f"the longest training prompt has {longest} tokens but the backbone has {max_positions} "
                           f"positions; set data.max_tokens={max_positions} or lower (long contexts lose their middle)")
     warn_if_window_covers(pattern, longest, "training")
+    return longest
+
+
+def longest_answer_window(data: Any) -> int:
+    """Positions from a training prompt's first answer-predicting token to its end, at most: the answer rows (and
+    teacher window) one sample brings to the loss."""
+    windows = [len(p) - p.answer_span[0] + 1 for p in (data.train_dataset[i] for i in range(len(data.train_dataset)))
+               if p.answer_span is not None]
+    return max(windows, default=1)
+
+
+def check_fits_on_gpu(cfg: DictConfig, backbone: Any, longest: int, data: Any) -> None:
+    """On a CUDA trainer, refuse before the first step a length and batch whose step cannot fit (flux.memory), with
+    the estimate and the switch that helps. FSDP shards the weights over the devices of a node."""
+    if trainer_device_type(cfg.trainer) != "cuda":
+        return
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    devices = cfg.trainer.get("devices", 1)
+    shards = int(devices) if "fsdp" in target.lower() and isinstance(devices, int) else 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    check_training_memory(backbone.model, device, longest, int(cfg.data.batch_size),
+                          bool(cfg.gradient_checkpointing), longest_answer_window(data),
+                          float(cfg.objective.distill_weight) > 0, shards)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -191,7 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_pattern(point, pattern.describe())
     check_writable_dir(out_dir, "output_dir")
     L.seed_everything(int(cfg.seed), workers=True)
-    backbone = build_backbone(cfg)
+    backbone = training_backbone(cfg)
     if point is not None:
         check_backbone(point.backbone, backbone.name)
     router = build_router(cfg, backbone.num_layers, backbone.head_dim)
@@ -208,7 +244,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_target_tasks(target, data.task_names)
     if point is not None:
         check_tasks(point.tasks, data.task_names, where=f"resume={point.path}")
-    check_prompt_lengths(data, pattern, backbone.max_positions)
+    longest = check_prompt_lengths(data, pattern, backbone.max_positions)
+    check_fits_on_gpu(cfg, backbone, longest, data)
     obj = cfg.objective
     flux_model = FluxModel(backbone, pattern=pattern, fa_backend=cfg.attention.fa_backend,
                            sa_backend=cfg.attention.sa_backend)

@@ -135,7 +135,8 @@ def test_a_missing_mandatory_value_names_the_key():
 
 @pytest.mark.parametrize(("argv", "line"), [
     (["backbone=nope"], ("error: In 'evaluate': Could not find 'backbone/nope' — choose one of: llama3_1_8b, "
-                        "qwen2_5_7b, qwen3_4b, qwen3_8b, smollm2_135m, tiny_random (e.g. backbone=llama3_1_8b)")),
+                        "llama3_1_8b_random, qwen2_5_7b, qwen2_5_7b_random, qwen3_4b, qwen3_8b, qwen3_8b_random, "
+                        "smollm2_135m, tiny_random (e.g. backbone=llama3_1_8b)")),
     (["routing.mdoe=router"], ("error: Could not override 'routing.mdoe'. To append to your config use "
                               "+routing.mdoe=router (Key 'mdoe' is not in struct)")),
     (["eval.batch_size=[1"], "error: cannot parse the override 'eval.batch_size=[1': "),

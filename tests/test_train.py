@@ -339,7 +339,7 @@ EXPERIMENTS = {
                  "logger.offline": False, "gradient_checkpointing": True, "trainer.max_steps": 1000},
     "llama_128k": {"backbone.source": "meta-llama/Llama-3.1-8B-Instruct", "trainer.devices": 8,
                    "trainer.strategy._target_": "lightning.pytorch.strategies.FSDPStrategy",
-                   "data.length_tokens": [32768, 65536, 131072], "data.max_tokens": 132000,
+                   "data.length_tokens": [32768, 65536, 130000], "data.max_tokens": 131072,
                    "objective.target": 0.5, "sparse.window": 4096, "gradient_checkpointing": True},
     "smollm2_8k": {"backbone.source": "smollm2_135m", "trainer.accelerator": "gpu", "trainer.devices": 1,
                    "data.length_tokens": [1024, 2048, 4096], "logger._target_": "lightning.pytorch.loggers.CSVLogger"},
@@ -465,8 +465,8 @@ def smollm2_run(tmp_path_factory):
     captured: dict = {}
     build_backbone, build_router = flux.train.build_backbone, flux.train.build_router
 
-    def backbone_spy(cfg):
-        backbone = captured["backbone"] = build_backbone(cfg)
+    def backbone_spy(cfg, device=None):
+        backbone = captured["backbone"] = build_backbone(cfg, device=device)
         captured["backbone_before"] = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
         return backbone
 

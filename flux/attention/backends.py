@@ -1,6 +1,7 @@
 """Attention backends for the two branches. All take HF layout q [B, H, Tq, D], k/v [B, Hkv, Tk, D] and return
-[B, H, Tq, D]. Full attention (FA): flash-attn when importable, else torch SDPA, or eager on request. Sparse attention
-(SA): the exact reference, SDPA with a dense boolean mask, FlexAttention with a cached block mask, or Triton kernels.
+[B, H, Tq, D]. Full attention (FA): flash-attn when importable, else torch SDPA, or eager on request; padded calls at
+long lengths on CUDA take FlexAttention, whose block mask never holds [Tq, Tk]. Sparse attention (SA): the exact
+reference, SDPA with a dense boolean mask, FlexAttention with a cached block mask, or Triton kernels.
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ from flux.errors import FluxUserError
 if TYPE_CHECKING:  # patterns import this module; the type is only needed for annotations
     from flux.attention.patterns import SparsePattern
 
-FA_BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
+FA_BACKENDS = ("auto", "flash_attn", "sdpa", "eager", "flex")
 SA_BACKENDS = ("auto", "reference", "masked_sdpa", "flex", "triton")
 FLEX_MIN_TOKENS = 16384
 
 
 class BackendError(FluxUserError):
     """An attention backend was asked for that does not exist or cannot run here."""
+
+
+def dense_mask_too_big(tq: int, tk: int) -> bool:
+    """Whether a call is too long for a dense [Tq, Tk] mask: from FLEX_MIN_TOKENS² elements per sample (16k² bool is
+    256 MiB, 128k² 16 GiB, and a masked kernel may build a float bias of the same shape). Such calls take
+    FlexAttention on CUDA, and a batch that mixes FA and SA samples is split by rows instead of masked."""
+    return tq * tk >= FLEX_MIN_TOKENS ** 2
 
 
 def check_backend(kind: str, name: str) -> str:
@@ -96,8 +104,11 @@ def memo_mask(memo: dict | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                    k_valid: torch.Tensor | None, scaling: float, backend: str, memo: dict | None = None) -> torch.Tensor:
-    """Causal attention over every real key. Unpadded inputs take the mask-free kernels (is_causal or decode)."""
+    """Causal attention over every real key. Unpadded inputs take the mask-free kernels (is_causal or decode);
+    padded ones a masked kernel, or FlexAttention (asked for, or `auto` on CUDA where a dense mask is too big)."""
     tq, tk = q.shape[2], k.shape[2]
+    if backend == "flex" or (backend == "auto" and q.is_cuda and k_valid is not None and dense_mask_too_big(tq, tk)):
+        return flex_full_attention(q, k, v, q_pos, k_pos, k_valid, scaling)
     maskless = k_valid is None and (tq == tk or tq == 1)
     if maskless:
         causal = tq > 1
@@ -117,9 +128,13 @@ _FLEX_CACHE_SIZE = 32
 
 @lru_cache(maxsize=1)
 def _compiled_flex() -> Callable:
+    """FlexAttention compiled with torch.compile's automatic dynamic shapes: the first call compiles for its shape,
+    the first call at another length recompiles with the lengths symbolic, and that kernel serves every later
+    length. Training data of many lengths would otherwise compile once per length, and past dynamo's recompile
+    limit fall back to the unfused path, whose [T, T] scores do not fit at 32k+."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def _flex_fn(device: torch.device) -> Callable:
@@ -137,15 +152,22 @@ def sparse_block_mask(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, 
     (positional rules on unpadded calls) are kept per (pattern, lengths, device); the others are built per call.
     On CUDA the mask is built by the compiled path, which walks the sequence in blocks, so a 128k mask never
     exists densely."""
+    mask_mod, cache_key = pattern.flex_mask_mod(q, k, q_pos, k_pos, k_valid, scale)
+    return cached_block_mask(mask_mod, cache_key, q, k, per_head=not pattern.positional)
+
+
+def cached_block_mask(mask_mod: Callable, cache_key: object | None, q: torch.Tensor, k: torch.Tensor,
+                      per_head: bool):
+    """FlexAttention block mask of `mask_mod`; a mask with a cache key (one that depends on the lengths only) is
+    kept per (key, device) and serves the whole batch, a mask without one is built per call and per sample."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask_mod, cache_key = pattern.flex_mask_mod(q, k, q_pos, k_pos, k_valid, scale)
     key = None if cache_key is None else (cache_key, str(q.device))
     if key is not None and key in _FLEX_MASKS:
         _FLEX_MASKS.move_to_end(key)
         return _FLEX_MASKS[key]
     batch = None if cache_key is not None else q.shape[0]
-    heads = None if pattern.positional else q.shape[1]
+    heads = q.shape[1] if per_head else None
     block_mask = create_block_mask(mask_mod, batch, heads, q.shape[2], k.shape[2], device=q.device,
                                    _compile=q.device.type == "cuda")
     if key is not None:
@@ -155,15 +177,43 @@ def sparse_block_mask(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, 
     return block_mask
 
 
+def full_mask_mod(tq: int, tk: int, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None,
+                  k_valid: torch.Tensor | None) -> tuple[Callable, object | None]:
+    """(mask_mod, cache key) of full causal attention over real keys, written over indices: the position_mask rule
+    without the [Tq, Tk] tensor. Unpadded calls are causal by index (queries aligned to the last keys)."""
+    if k_valid is None:
+        offset = tk - tq
+
+        def causal(b, h, qi, ki):
+            return ki <= qi + offset
+
+        return causal, ("full", tq, tk)
+
+    def padded(b, h, qi, ki):
+        return k_valid[b, ki] & (k_pos[b, ki] <= q_pos[b, qi])
+
+    return padded, None
+
+
+def run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scaling: float) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return _flex_fn(q.device)(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def flex_full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+                        k_pos: torch.Tensor | None, k_valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Full causal attention through FlexAttention (differentiable): the padded long-sequence FA path. A query row
+    of padding sees the first real key (its clamped position is 0), so no row is empty; its output is never read."""
+    mask_mod, cache_key = full_mask_mod(q.shape[2], k.shape[2], q_pos, k_pos, k_valid)
+    return run_flex(q, k, v, cached_block_mask(mask_mod, cache_key, q, k, per_head=False), scaling)
+
+
 def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
                           k_pos: torch.Tensor | None, k_valid: torch.Tensor | None, pattern: SparsePattern,
                           scaling: float) -> torch.Tensor:
     """The pattern through FlexAttention (differentiable). Positions may be None for unpadded calls."""
-    block_mask = sparse_block_mask(pattern, q, k, q_pos, k_pos, k_valid, scaling)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return _flex_fn(q.device)(q, k, v, block_mask=block_mask, scale=scaling,
-                                  enable_gqa=q.shape[1] != k.shape[1])
+    return run_flex(q, k, v, sparse_block_mask(pattern, q, k, q_pos, k_pos, k_valid, scaling), scaling)
 
 
 def resolve_sparse_backend(pattern: SparsePattern, backend: str, q: torch.Tensor, k: torch.Tensor,
@@ -179,8 +229,7 @@ def resolve_sparse_backend(pattern: SparsePattern, backend: str, q: torch.Tensor
     if backend == "auto":
         if q.is_cuda and not needs_grad and "triton" in supported:
             return "triton"
-        long = q.shape[2] * k.shape[2] >= FLEX_MIN_TOKENS ** 2
-        if q.is_cuda and needs_grad and long and "flex" in supported:
+        if q.is_cuda and needs_grad and dense_mask_too_big(q.shape[2], k.shape[2]) and "flex" in supported:
             return "flex"
         for name in ("masked_sdpa", "reference", "flex"):
             if name in supported:
