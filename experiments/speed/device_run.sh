@@ -19,9 +19,10 @@ export PYTHONPATH="/tmp/flux_pkgs:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYT
   python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 } 2>&1 | tee "$out/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  { python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_engine.py tests/test_bench.py
-    python3 -m pytest -q -p no:cacheprovider tests/test_patterns.py
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_bench_patterns.py
+  # everything that runs on CUDA when it is there; the CPU-only tests ran in the suite
+  { python3 -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_patterns.py
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_engine.py tests/test_bench_patterns.py \
+      tests/test_train_memory.py
   } 2>&1 | tail -n 40 | tee "$out/gpu_tests.log"
 fi
 python3 -m flux.bench --no-hydra output_dir="$out" "$@" 2>&1 | grep -v '^\s*$' | tee "$out/bench.log"

@@ -23,9 +23,11 @@ if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # flux from this checkout when it is not installed: its Triton kernels are the kernels/ folder, imported as flux_kernels
-if ! "$PY" -c "import flux, flux_kernels" 2>/dev/null; then
+# (and its config tree conf/ is flux.conf, as the wheel maps them)
+if ! "$PY" -c "import flux, flux_kernels, flux.conf" 2>/dev/null; then
   mkdir -p /tmp/flux_path
   ln -sfn "$PWD/kernels" /tmp/flux_path/flux_kernels
+  [ -e flux/conf ] || ln -s ../conf flux/conf
   export PYTHONPATH=$PWD:/tmp/flux_path${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
