@@ -98,14 +98,31 @@ class RandomPlan:
         return plan
 
 
+def check_eval_group(cfg: DictConfig) -> None:
+    """The `eval` group's own settings (also checked by flux.train before it trains a run that ends with one)."""
+    batch_size = cfg.eval.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalConfigError(f"eval.batch_size={batch_size!r} must be a positive integer; e.g. eval.batch_size=8")
+
+
+def build_task(cfg: DictConfig, max_positions: int, backbone: str) -> tuple[dict[str, Any], Any]:
+    """(settings, task object) of `cfg.eval.task`, refused when its lengths need more positions than the backbone
+    has (`max_positions`); no sample is generated yet."""
+    task_cfg = OmegaConf.to_container(cfg.eval.task, resolve=True, throw_on_missing=True)
+    task = build(task_cfg)
+    needed = task.required_positions()
+    if needed is not None and needed > max_positions:
+        raise EvalConfigError(f"the task needs {needed} positions but backbone {backbone!r} has {max_positions}; "
+                              "lower the lengths (e.g. eval.task.lengths) to fit")
+    return task_cfg, task
+
+
 def check_config(cfg: DictConfig) -> None:
     """The routing and evaluation settings on their own (layer indices are checked against the backbone later)."""
     mode = cfg.routing.mode
     if mode not in ROUTING_MODES:
         raise EvalConfigError(f"unknown routing mode {mode!r}; choose one of {', '.join(ROUTING_MODES)}")
-    batch_size = cfg.eval.get("batch_size", 1)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvalConfigError(f"eval.batch_size={batch_size!r} must be a positive integer; e.g. eval.batch_size=8")
+    check_eval_group(cfg)
     routing = cfg.routing
     if mode == "static":
         layers = routing.get("sa_layers")
@@ -188,16 +205,10 @@ def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None, ove
     check_config(cfg)
     device = check_device(cfg.get("device"))
     check_sa_backend(cfg.attention.sa_backend, device.type)
-    task_cfg = OmegaConf.to_container(cfg.eval.task, resolve=True, throw_on_missing=True)
-    task = build(task_cfg)
     backbone_params = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone_params.pop("description", None)
     backbone_params["device"] = str(device)
-    needed = task.required_positions()
-    limit = backbone_max_positions(**backbone_params)
-    if needed is not None and needed > limit:
-        raise EvalConfigError(f"the task needs {needed} positions but backbone {backbone_params['source']!r} has "
-                              f"{limit}; lower the lengths (e.g. eval.task.lengths) to fit")
+    task_cfg, task = build_task(cfg, backbone_max_positions(**backbone_params), backbone_params["source"])
     mode = cfg.routing.mode
     meta = load_router(cfg.routing.checkpoint)[1] if mode == "router" else None
     explicit = explicit_sparse_overrides() if sparse_overrides is None else list(sparse_overrides)

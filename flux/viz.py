@@ -49,6 +49,7 @@ from flux.evals.results import (
 __all__ = [
     "FA_COLOR",
     "INPUT_ERRORS",
+    "PARETO_RING",
     "SA_COLOR",
     "RoutingRecord",
     "RunFiles",
@@ -109,6 +110,9 @@ _STYLE = {
     "figure.dpi": 100,
     "savefig.dpi": 150,
 }
+
+# gid of the rings around the Pareto-front points of quality_vs_sparsity (the other collections are the runs).
+PARETO_RING = "pareto-front-points"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -537,32 +541,42 @@ def _task_point(run: Mapping[str, Any], task: str) -> tuple[float, float]:
 
 
 @_styled
-def quality_vs_sparsity(results_list: Sequence[Mapping[str, Any]], task: str | None = None) -> Figure:
+def quality_vs_sparsity(results_list: Sequence[Mapping[str, Any]], task: str | None = None,
+                        labels: Sequence[str] | None = None) -> Figure:
     """Score against sparsity for each run (dense, router, baselines), with the Pareto front of the runs.
 
-    ``task`` plots one task's sample-weighted score and sparsity instead of the run summary.
+    ``task`` plots one task's sample-weighted score and sparsity instead of the run summary. ``labels`` names each
+    run's point (e.g. the values a sweep set, from experiments/tables.py); by default the routing, and for runs that
+    share one, their folder name. Each routing has its own colour and marker (listed in the legend), so baselines
+    stay apart from routers; the points on the Pareto front are ringed and joined by the front line.
     """
     runs = [_checked_run(run, f"results_list[{i}]") for i, run in enumerate(results_list)]
     if not runs:
         raise VizInputError("results_list is empty; pass load_results(<sweep folder>) with at least one run")
+    if labels is not None and len(labels) != len(runs):
+        raise VizInputError(f"labels has {len(labels)} entries for {len(runs)} runs; give one label per run")
     points = [(float(r["summary"]["sparsity"]), float(r["summary"]["score"])) if task is None
               else _task_point(r, task) for r in runs]
     names = [str(r["routing"]) for r in runs]
-    # Runs sharing a routing (e.g. a sweep over targets) are told apart by their folder name.
-    labels = [f"{name} ({Path(r['source']).parent.name or i})" if names.count(name) > 1 else name
-              for i, (name, r) in enumerate(zip(names, runs, strict=True))]
+    if labels is None:
+        # Runs sharing a routing (e.g. a sweep over targets) are told apart by their folder name.
+        labels = [f"{name} ({Path(r['source']).parent.name or i})" if names.count(name) > 1 else name
+                  for i, (name, r) in enumerate(zip(names, runs, strict=True))]
 
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#bbbbbb", linewidth=1.5,
             zorder=1, label="Pareto front")
+    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=170, facecolors="none",
+               edgecolors="#777777", linewidths=1.0, zorder=2, gid=PARETO_RING)
     fallback = iter(matplotlib.colormaps["Dark2"].colors)
     styles: dict[str, tuple[Any, str]] = {}
     for (x, y), name, label in zip(points, names, labels, strict=True):
+        first = name not in styles
         color, marker = styles.setdefault(name, ROUTING_STYLES.get(name) or (next(fallback, "#444444"), "P"))
         ax.scatter([x], [y], color=color, marker=marker, s=90 if name == "router" else 50, zorder=3,
-                   edgecolor="white", linewidth=0.5)
+                   edgecolor="white", linewidth=0.5, label=name if first else None)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     dense = [p for p, name in zip(points, names, strict=True) if name == "dense"]
     if dense:

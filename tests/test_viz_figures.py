@@ -107,6 +107,11 @@ def test_length_buckets_group_many_prompt_lengths_by_powers_of_two() -> None:
     assert viz.length_buckets([7, 9, 9]) == [(6, 7, "7"), (8, 9, "9")]  # few lengths: one box each
 
 
+def _run_points(ax):
+    """The scatter collections of the runs (not the rings around the Pareto front's points)."""
+    return [c for c in ax.collections if c.get_gid() != viz.PARETO_RING]
+
+
 def test_pareto_front_hand_example() -> None:
     points = [(0.0, 0.9), (0.5, 0.8), (0.5, 0.7), (1.0, 0.5), (0.3, 0.6)]
     assert viz.pareto_front(points) == [0, 1, 3]
@@ -116,11 +121,16 @@ def test_quality_vs_sparsity_labels_every_run_and_draws_the_front(tmp_path: Path
     runs = viz.load_results(fx.write_example_run(tmp_path, num_layers=6))
     fig = viz.quality_vs_sparsity(runs)
     (ax,) = fig.axes
-    assert len(ax.collections) == len(fx.ROUTINGS)
+    assert len(_run_points(ax)) == len(fx.ROUTINGS)
     assert sorted(t.get_text() for t in ax.texts) == sorted(fx.ROUTINGS)
     points = [(r["summary"]["sparsity"], r["summary"]["score"]) for r in runs]
     front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front")
     np.testing.assert_allclose(front.get_xdata(), [points[i][0] for i in viz.pareto_front(points)])
+    (ring,) = [c for c in ax.collections if c.get_gid() == viz.PARETO_RING]  # the front's points are ringed
+    np.testing.assert_allclose(ring.get_offsets(), [points[i] for i in viz.pareto_front(points)])
+    # every routing is a legend entry with its own marker, so baselines are told apart from routers
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert set(fx.ROUTINGS) <= set(legend) and "Pareto front" in legend
     dense_score = next(r["summary"]["score"] for r in runs if r["routing"] == "dense")
     dense_line = next(line for line in ax.get_lines() if line.get_label() == "dense score")
     np.testing.assert_allclose(dense_line.get_ydata(), [dense_score, dense_score])
@@ -135,7 +145,11 @@ def test_quality_vs_sparsity_tells_same_routing_runs_apart_and_plots_one_task() 
     fig = viz.quality_vs_sparsity(runs, task="qa")
     (ax,) = fig.axes
     assert sorted(t.get_text() for t in ax.texts) == ["router (t03)", "router (t05)"]
-    np.testing.assert_allclose(ax.collections[0].get_offsets(), [[0.75, 0.25]])
+    np.testing.assert_allclose(_run_points(ax)[0].get_offsets(), [[0.75, 0.25]])
+    labelled = viz.quality_vs_sparsity(runs, labels=["target=0.3", "target=0.5"])  # e.g. a sweep's swept values
+    assert sorted(t.get_text() for t in labelled.axes[0].texts) == ["target=0.3", "target=0.5"]
+    with pytest.raises(ValueError, match="labels has 1 entries for 2 runs"):
+        viz.quality_vs_sparsity(runs, labels=["one"])
     assert ax.get_ylabel() == "score (qa)"
     with pytest.raises(ValueError, match=r"no results for task='math'; tasks there: \['qa', 'sum'\]"):
         viz.quality_vs_sparsity(runs, task="math")
