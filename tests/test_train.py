@@ -833,8 +833,7 @@ def test_targets_per_task_type(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["+objective.per_type.needle=0.3"], r"objective.per_type names task type\(s\) \['needle'\]; use retrieval and "
-                                         r"holistic"),
+    (["+objective.per_type.needle=0.3"], r"objective.per_type names task type\(s\) \['needle'\]; use retrieval"),
     (["+objective.per_type.retrieval=1.5"], r"objective.per_type.retrieval=1.5 must be a fraction"),
     ([*EVAL, "eval.task.lengths=[4096]"], r"the task needs 4096 positions but backbone .* has 2048"),
     ([*EVAL, "eval.batch_size=0"], r"eval.batch_size=0 must be a positive integer"),
