@@ -1,13 +1,19 @@
-"""Gather the results.json files of a sweep into paper-style markdown and CSV tables.
+"""Gather the results.json files of a sweep into paper-style markdown and CSV tables, and a Pareto figure.
 
-    python experiments/tables.py RUN_DIR_OR_GLOB [...] --out experiments/tables/NAME
+    python experiments/tables.py RUN_DIR_OR_GLOB [...] --out experiments/tables/NAME [--pareto]
+        [--markdown FILE] [--title TITLE] [--command CMD ...]
 
-Each argument is a results.json file, a folder searched recursively for results.json, or a glob (quote it to let
-this script expand `**`). Rows are methods (dense, router, all-SA, static, first_dense, random); every table has a
-sparsity column (mean share of layers on sparse attention over the samples the table covers). Tables are written
-only for the benchmark families present: RULER by length and by task, LongBench and LongBench-E by category,
-LongBench-E by length bucket, LongBench-v2 easy/hard/length classes, math, user JSONL tasks and perplexity.
-Scores are percentages; which averages are micro (sample-weighted) or macro is stated under each table.
+Each argument is a results.json file, a folder searched recursively for results.json (a sweep folder: every job's
+`eval/results.json`), or a glob (quote it to let this script expand `**`). Rows are methods (dense, router, all-SA,
+static, first_dense, random); every table has a sparsity column (mean share of layers on sparse attention over the
+samples the table covers). Runs that share a method and its cells (the routers of a sweep) are labelled by the
+values they were swept over: the overrides in their results.json provenance that differ between them (then by their
+sparse-pattern settings, then by folder). Tables are written only for the benchmark families present: RULER by
+length, by task and by task type, LongBench and LongBench-E by category, LongBench-E by length bucket, LongBench-v2
+easy/hard/length classes, math, user JSONL tasks and perplexity. Scores are percentages; which averages are micro
+(sample-weighted) or macro is stated under each table. `--pareto` draws score vs Ω for every run (flux.viz) into
+pareto.png, the Pareto front marked and baselines by their own markers; `--markdown FILE` writes everything as one
+page (the commands first) that links the figure.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flux.data.synthetic import TASKS as SYNTHETIC_TASKS
+from flux.evals.base import TASK_TYPES
 from flux.evals.longbench_spec import CATEGORIES, LONGBENCH_DATASETS, LONGBENCH_E_BUCKETS
 from flux.evals.longbench_v2 import DIFFICULTIES, LENGTH_CLASSES
 from flux.evals.results import RESULTS_FILE, read_results
@@ -33,6 +42,9 @@ ROUTING_NAMES = {"dense": "Dense (all FA)", "router": "Router", "sparse": "All S
 LEVEL_ROUTINGS = ("static", "first_dense", "random")
 MATH_NAMES = {"gsm8k": "GSM8K", "math500": "MATH-500", "aime": "AIME"}
 MISSING = "–"
+PARETO_FILE = "pareto.png"
+# The label of a sweep's run that sets none of the swept values (e.g. the base recipe of an ablation).
+NO_SWEPT_OVERRIDE = "no swept override"
 
 
 class TablesInputError(ValueError):
@@ -108,6 +120,32 @@ def _base_label(run: Mapping[str, Any]) -> tuple[str, float]:
     return (f"{name} (Ω={level:.2f})" if routing in LEVEL_ROUTINGS else name), level
 
 
+def _overrides(run: Mapping[str, Any]) -> dict[str, str] | None:
+    """{key: value} of the Hydra overrides in a run's provenance (None for files written without provenance).
+    `+`/`++` prefixes are dropped; deletions (`~key`) are left out: they follow from the values that are swept."""
+    provenance = run.get("provenance")
+    if not provenance:
+        return None
+    parsed: dict[str, str] = {}
+    for override in provenance["overrides"]:
+        if override.startswith("~"):
+            continue
+        key, _, value = override.partition("=")
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def _swept_labels(runs: Sequence[Mapping[str, Any]]) -> list[str] | None:
+    """Each run's `key=value` for the overrides whose value differs between the runs (in the order the runs give
+    them); None when a run has no provenance."""
+    parsed = [_overrides(run) for run in runs]
+    if any(p is None for p in parsed):
+        return None
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    differing = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    return [", ".join(f"{k}={p[k]}" for k in differing if k in p) or NO_SWEPT_OVERRIDE for p in parsed]
+
+
 def _sparse_diff(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     keys = sorted({k for r in runs for k in r["sparse"]})
     differing = [k for k in keys if len({repr(r["sparse"].get(k)) for r in runs}) > 1]
@@ -127,7 +165,9 @@ def group_methods(runs: Sequence[dict[str, Any]]) -> list[Method]:
         if not overlapping:
             labelled += [(label, run) for run in group]
             continue
-        suffixes = _sparse_diff(group)
+        suffixes = _swept_labels(group)
+        if suffixes is None or len(set(suffixes)) < len(group):
+            suffixes = _sparse_diff(group)
         if len(set(suffixes)) < len(group):
             suffixes = [Path(run["source"]).parent.name for run in group]
         if len(set(suffixes)) < len(group):
@@ -197,7 +237,18 @@ def ruler_tables(methods: Sequence[Method]) -> list[Table]:
     def by_task(rs: list[Row]) -> list[float | None]:
         return [_pct(micro(r for r in rs if r.task == t)) for t in tasks] + [_pct(micro(rs))]
 
+    types = [kind for kind in TASK_TYPES if any(_task_type(t) == kind for t in tasks)]
+
+    def by_type(rs: list[Row]) -> list[float | None]:
+        scores = [_pct(micro(r for r in rs if _task_type(r.task) == kind)) for kind in types]
+        omegas = [_pct(micro((r for r in rs if _task_type(r.task) == kind), "sparsity")) for kind in types]
+        return scores + [_pct(micro(rs))] + omegas
+
     return [t for t in (
+        _table("ruler_by_type", "RULER-style suite by task type",
+               "Score (%) per task type and Ω (%, share of layers on SA) per task type, sample-weighted; Avg is the "
+               "score over every cell.", types + ["Avg"] + [f"Ω {kind}" for kind in types], methods, "ruler",
+               by_type) if types else None,
         _table("ruler_by_length", "RULER-style suite by context length (tokens)",
                "Score (%) over all tasks at each length; Avg is sample-weighted over every cell.",
                [_length_label(L) for L in lengths] + ["Avg"], methods, "ruler", by_length),
@@ -205,6 +256,12 @@ def ruler_tables(methods: Sequence[Method]) -> list[Table]:
                "Score (%) per task over all lengths; Avg is sample-weighted over every cell.",
                tasks + ["Avg"], methods, "ruler", by_task),
     ) if t is not None]
+
+
+def _task_type(task: str) -> str | None:
+    """retrieval | holistic for the synthetic RULER-style tasks (None for a name flux does not generate)."""
+    spec = SYNTHETIC_TASKS.get(task)
+    return spec.task_type if spec is not None else None
 
 
 def _length_label(tokens: int) -> str:
@@ -313,34 +370,111 @@ def write_csv(table: Table, path: Path) -> None:
             writer.writerow([label] + ["" if c is None else f"{c:.4f}" for c in cells] + [f"{sparsity:.4f}"])
 
 
-def write_tables(tables: Sequence[Table], methods: Sequence[Method], out: Path) -> Path:
-    """One .md and one .csv per table, plus README.md with every table and the runs it was built from."""
+def _short(value: str | None, n: int = 12) -> str:
+    return "?" if not value else value[:n]
+
+
+def _wandb_runs(checkpoint_source: str) -> list[str]:
+    """W&B run folders of the training job that exported a router (flux.train writes <job>/router and
+    <job>/wandb/*run-*), for the runs list."""
+    job = Path(checkpoint_source).parent
+    return sorted(str(p) for p in (job / "wandb").glob("*run-*") if p.is_dir())
+
+
+def run_lines(methods: Sequence[Method], runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One bullet per method and its runs: the results files and, where recorded, how each run was made."""
+    lines = []
+    for m in methods:
+        lines.append(f"- {m.label}: " + ", ".join(f"`{s}`" for s in m.sources))
+        for source in m.sources:
+            prov = runs[source].get("provenance")
+            if not prov:
+                continue
+            code = prov["code"]
+            dirty = {True: " (dirty tree)", False: "", None: ""}[code["dirty"]]
+            facts = [f"overrides `{' '.join(prov['overrides']) or '(none)'}`",
+                     f"commit `{_short(code['commit'])}`{dirty}", f"started {prov['date']}"]
+            if prov["checkpoint"]:
+                facts.insert(1, f"router weights sha256 `{_short(prov['checkpoint']['weights_sha256'])}`")
+                facts += [f"W&B run `{w}`" for w in _wandb_runs(prov["checkpoint"]["source"])]
+            lines.append("  - " + "; ".join(facts))
+    return lines
+
+
+def _compact(label: str) -> str:
+    """A figure label: `a.b.c=v` parts shortened to `c=v`."""
+    return ", ".join(part.split(".")[-1] if "=" not in part else
+                     f"{part.partition('=')[0].split('.')[-1]}={part.partition('=')[2]}"
+                     for part in label.split(", "))
+
+
+def draw_pareto(methods: Sequence[Method], runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Score vs Ω of every run (flux.viz.quality_vs_sparsity), labelled by its method's label."""
+    from flux import viz
+
+    label_of = {source: m.label for m in methods for source in m.sources}
+    ordered = list(runs)
+    labels = []
+    for source in ordered:
+        label = label_of[source]
+        inner = label[label.index("[") + 1:-1] if label.endswith("]") and "[" in label else label
+        labels.append(_compact(inner))
+    figure = viz.quality_vs_sparsity([runs[s] for s in ordered], labels=labels)
+    return viz.save_figure(figure, path)
+
+
+def render_page(tables: Sequence[Table], methods: Sequence[Method], runs: Mapping[str, Mapping[str, Any]],
+                title: str | None, commands: Sequence[str], figure: Path | None, base: Path) -> str:
+    """The markdown page: title, the commands that made the runs, the Pareto figure (linked relative to `base`), the
+    tables, and the runs they were built from."""
+    parts = [f"# {title}\n"] if title else []
+    if commands:
+        parts.append("```bash\n" + "\n".join(commands) + "\n```\n")
+    if figure is not None:
+        parts.append(f"![score vs sparsity]({Path(os.path.relpath(figure, base)).as_posix()})\n")
+    parts.append("\n".join(to_markdown(t) for t in tables))
+    parts.append("#### Runs\n\n" + "\n".join(run_lines(methods, runs)) + "\n")
+    return "\n".join(parts)
+
+
+def write_tables(tables: Sequence[Table], methods: Sequence[Method], out: Path,
+                 runs: Mapping[str, Mapping[str, Any]] | None = None, title: str | None = None,
+                 commands: Sequence[str] = (), pareto: bool = False, markdown: Path | None = None) -> Path:
+    """One .md and one .csv per table, plus README.md with every table and the runs it was built from (and, on
+    request, pareto.png and the same page at `markdown`)."""
     out.mkdir(parents=True, exist_ok=True)
+    runs = runs or {s: {} for m in methods for s in m.sources}
     for table in tables:
         (out / f"{table.name}.md").write_text(to_markdown(table), encoding="utf-8")
         write_csv(table, out / f"{table.name}.csv")
-    sources = [f"- {m.label}: " + ", ".join(f"`{s}`" for s in m.sources) for m in methods]
-    readme = "\n".join(to_markdown(t) for t in tables) + "\n#### Runs\n\n" + "\n".join(sources) + "\n"
-    (out / "README.md").write_text(readme, encoding="utf-8")
-    return out / "README.md"
+    figure = draw_pareto(methods, runs, out / PARETO_FILE) if pareto else None
+    readme = out / "README.md"
+    readme.write_text(render_page(tables, methods, runs, title, commands, figure, out), encoding="utf-8")
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(render_page(tables, methods, runs, title, commands, figure, markdown.parent),
+                            encoding="utf-8")
+    return readme
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="results.json files, run folders or globs")
+    parser.add_argument("runs", nargs="+", help="results.json files, run or sweep folders, or globs")
     parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. experiments/tables/smollm2")
+    parser.add_argument("--pareto", action="store_true", help="also draw score vs sparsity (pareto.png)")
+    parser.add_argument("--markdown", type=Path, help="also write the whole page to this file")
+    parser.add_argument("--title", help="a heading for the page")
+    parser.add_argument("--command", action="append", default=[], help="a command that made the runs (repeatable)")
     args = parser.parse_args(argv)
     try:
-        runs = []
+        runs: dict[str, dict[str, Any]] = {}
         for path in find_results(args.runs):
-            run = read_results(path)
-            run["source"] = str(path)
-            runs.append(run)
-        methods = group_methods(runs)
+            runs[str(path)] = dict(read_results(path), source=str(path))
+        methods = group_methods(list(runs.values()))
         tables = build_tables(methods)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    readme = write_tables(tables, methods, args.out)
+    readme = write_tables(tables, methods, args.out, runs, args.title, args.command, args.pareto, args.markdown)
     sys.stdout.write(readme.read_text(encoding="utf-8"))
     return 0
 

@@ -11,6 +11,10 @@ decisions, score), and rerunning the same command with the same `output_dir` con
 there (flux.evals.progress); results.json is rebuilt from the complete routing.jsonl at the end.
 
 A router runs with its own sparse pattern (the one in its router.json) unless `sparse.*` is set on the command line.
+
+results.json records its provenance (flux.evals.provenance): the run's Hydra overrides, the router and the sha256 of
+its weights, the seeds, the task's settings, the code's git commit and the date. `flux.train` calls `evaluate` in
+its own process to end a run with the evaluation of the router it exported (the `eval` group of its config).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from flux.data.prompting import build_prompt, collate_left_padded
 from flux.errors import ConfigError, report_user_errors, run_cli
 from flux.evals import PerplexityTask, aggregate, build_results, make_record, write_results
 from flux.evals.progress import EvalProgress
+from flux.evals.provenance import build_provenance, hydra_task_overrides, task_settings
 from flux.evals.results import record_from_line
 from flux.model import FluxModel
 from flux.preflight import (
@@ -45,7 +50,7 @@ from flux.preflight import (
     check_writable_file,
     warn_if_window_covers,
 )
-from flux.router import check_router_files, load_router
+from flux.router import check_router_files, file_sha256, load_router, read_router_meta
 
 ROUTING_MODES = ("dense", "sparse", "router", "static", "first_dense", "random")
 # Keys of the config that only say where results go: a resumed run may change them.
@@ -93,14 +98,31 @@ class RandomPlan:
         return plan
 
 
+def check_eval_group(cfg: DictConfig) -> None:
+    """The `eval` group's own settings (also checked by flux.train before it trains a run that ends with one)."""
+    batch_size = cfg.eval.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalConfigError(f"eval.batch_size={batch_size!r} must be a positive integer; e.g. eval.batch_size=8")
+
+
+def build_task(cfg: DictConfig, max_positions: int, backbone: str) -> tuple[dict[str, Any], Any]:
+    """(settings, task object) of `cfg.eval.task`, refused when its lengths need more positions than the backbone
+    has (`max_positions`); no sample is generated yet."""
+    task_cfg = OmegaConf.to_container(cfg.eval.task, resolve=True, throw_on_missing=True)
+    task = build(task_cfg)
+    needed = task.required_positions()
+    if needed is not None and needed > max_positions:
+        raise EvalConfigError(f"the task needs {needed} positions but backbone {backbone!r} has {max_positions}; "
+                              "lower the lengths (e.g. eval.task.lengths) to fit")
+    return task_cfg, task
+
+
 def check_config(cfg: DictConfig) -> None:
     """The routing and evaluation settings on their own (layer indices are checked against the backbone later)."""
     mode = cfg.routing.mode
     if mode not in ROUTING_MODES:
         raise EvalConfigError(f"unknown routing mode {mode!r}; choose one of {', '.join(ROUTING_MODES)}")
-    batch_size = cfg.eval.get("batch_size", 1)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EvalConfigError(f"eval.batch_size={batch_size!r} must be a positive integer; e.g. eval.batch_size=8")
+    check_eval_group(cfg)
     routing = cfg.routing
     if mode == "static":
         layers = routing.get("sa_layers")
@@ -127,11 +149,7 @@ def check_config(cfg: DictConfig) -> None:
 def explicit_sparse_overrides() -> list[str]:
     """The `sparse.*` (or `sparse=`) overrides the user typed on the command line of this Hydra run; [] outside one
     (compose(), a notebook), where the config's sparse section counts as not overridden."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    overrides = HydraConfig.get().overrides.task
+    overrides = hydra_task_overrides() or []
     return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("@", 1)[0] == "sparse"]
 
 
@@ -150,11 +168,18 @@ def choose_pattern(configured: SparsePattern, router_meta: dict[str, Any] | None
     return pattern_from_description(saved)
 
 
+# The parts of router.json that decide a router's decisions (the rest is its card: training summary, evaluation).
+ROUTER_IDENTITY_KEYS = ("backbone_fingerprint", "num_layers", "head_dim", "router", "sparse")
+
+
 def router_digest(checkpoint: str) -> str:
-    """sha256 of the router's two files: a resumed evaluation must run the same router, not one retrained there."""
-    h = hashlib.sha256()
-    for path in check_router_files(checkpoint):
-        h.update(path.read_bytes())
+    """sha256 of what decides the router's decisions: its weights file and the settings router.json rebuilds it
+    from. A resumed evaluation must run the same router, not one retrained there; the card's training summary and
+    attached evaluation are left out, since attaching this evaluation to the router rewrites router.json."""
+    weights, meta_path = check_router_files(checkpoint)
+    meta = read_router_meta(meta_path)
+    h = hashlib.sha256(weights.read_bytes())
+    h.update(json.dumps({k: meta.get(k) for k in ROUTER_IDENTITY_KEYS}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -170,27 +195,24 @@ def evaluation_identity(cfg: DictConfig, pattern: SparsePattern) -> dict[str, An
     return identity
 
 
-def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None, overrides: Sequence[str] | None = None,
+             seeds: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Run (or resume) the evaluation described by a composed config; returns the results dict (also on disk).
 
-    `sparse_overrides`: the user's explicit sparse.* overrides (default: read from the Hydra command line)."""
+    `sparse_overrides`: the user's explicit sparse.* overrides (default: read from the Hydra command line).
+    `overrides`: the overrides that define the run, for results.json's provenance (default: this Hydra run's; none
+    outside Hydra). `seeds`: seeds of the caller to record beside the evaluation's own (e.g. a training run's)."""
     check_config(cfg)
     device = check_device(cfg.get("device"))
     check_sa_backend(cfg.attention.sa_backend, device.type)
-    task_cfg = OmegaConf.to_container(cfg.eval.task, resolve=True, throw_on_missing=True)
-    task = build(task_cfg)
     backbone_params = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone_params.pop("description", None)
     backbone_params["device"] = str(device)
-    needed = task.required_positions()
-    limit = backbone_max_positions(**backbone_params)
-    if needed is not None and needed > limit:
-        raise EvalConfigError(f"the task needs {needed} positions but backbone {backbone_params['source']!r} has "
-                              f"{limit}; lower the lengths (e.g. eval.task.lengths) to fit")
+    task_cfg, task = build_task(cfg, backbone_max_positions(**backbone_params), backbone_params["source"])
     mode = cfg.routing.mode
     meta = load_router(cfg.routing.checkpoint)[1] if mode == "router" else None
-    overrides = explicit_sparse_overrides() if sparse_overrides is None else list(sparse_overrides)
-    pattern = choose_pattern(build_pattern(cfg), meta, overrides)
+    explicit = explicit_sparse_overrides() if sparse_overrides is None else list(sparse_overrides)
+    pattern = choose_pattern(build_pattern(cfg), meta, explicit)
     out_dir = check_writable_dir(cfg.output_dir, "output_dir")
     progress = EvalProgress(out_dir, evaluation_identity(cfg, pattern))
     done = progress.start()
@@ -213,11 +235,28 @@ def evaluate(cfg: DictConfig, sparse_overrides: Sequence[str] | None = None) -> 
     else:
         records = evaluate_generation(fm, task, static, rand, router, int(cfg.eval.get("batch_size", 1)),
                                       cfg.eval.get("max_input_tokens"), progress, done, uses_sa)
-    results = build_results(backbone.name, mode, fm.pattern.describe(), aggregate(records))
+    results = build_results(backbone.name, mode, fm.pattern.describe(), aggregate(records),
+                            run_provenance(cfg, task_cfg, overrides, seeds, progress.started))
     paths = [out_dir / "results.json"] + ([Path(cfg.output)] if cfg.get("output") else [])
     write_results(results, *paths)
     print_table(results)
     return results
+
+
+def run_provenance(cfg: DictConfig, task_cfg: dict[str, Any], overrides: Sequence[str] | None,
+                   seeds: dict[str, int | None] | None, started: str) -> dict[str, Any]:
+    """results.json's provenance for this evaluation (see flux.evals.results for the shape)."""
+    if overrides is None:
+        overrides = hydra_task_overrides() or []
+    checkpoint = None
+    if cfg.routing.mode == "router":
+        weights, _ = check_router_files(cfg.routing.checkpoint)
+        checkpoint = {"source": str(cfg.routing.checkpoint), "weights_sha256": file_sha256(weights)}
+    own = {"eval": task_cfg.get("seed")} if "seed" in task_cfg else {}
+    if cfg.routing.mode == "random":
+        own["routing"] = int(cfg.routing.get("seed", 0))
+    return build_provenance(overrides=overrides, checkpoint=checkpoint, seeds={**own, **(seeds or {})},
+                            task=task_settings(task_cfg), date=started)
 
 
 def _plan_for(batch: int, static, rand, router, device):

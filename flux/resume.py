@@ -29,6 +29,12 @@ ROUTER_KEYS = ("kind", "pool_size", "hidden", "pooling", "read_layer", "threshol
 LAMBDA_OPTIMIZER = 1
 
 
+# `resume=auto`: continue from the run folder's own last checkpoint when there is one, else start fresh. A sweep rerun
+# into the same folders (a preempted or time-limited job) then retrains nothing that finished.
+AUTO = "auto"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
 class ResumeError(FluxUserError):
     """A `resume=` checkpoint cannot be read, or was trained under a different setup than this run."""
 
@@ -49,6 +55,17 @@ class ResumePoint:
 def _other_checkpoints(folder: Path) -> str:
     found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
     return f"; checkpoints in {folder}: {', '.join(found)}" if found else ""
+
+
+def resume_path(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint `resume=` names: None (start fresh) for null, and for `auto` when the run folder has no
+    checkpoints/last.ckpt yet; `auto` otherwise means that file."""
+    if not resume:
+        return None
+    if str(resume) == AUTO:
+        last = Path(output_dir) / LAST_CHECKPOINT
+        return last if last.is_file() else None
+    return Path(resume)
 
 
 def read_checkpoint(path: str | Path) -> ResumePoint:

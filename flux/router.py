@@ -3,7 +3,10 @@
 `LayerRouter` holds one small MLP per layer (as in the paper's code). At prefill, layer l's router reads that layer's
 query states, averaged over heads and pooled over four short spans (the first and last `pool_size` tokens of the
 marked context and question), and emits two logits (FA, SA). Only 4 * pool_size query vectors are touched, and the
-MLP runs once per sample, so the router's cost does not grow with the context.
+MLP runs once per sample, so the router's cost does not grow with the context. The other poolings are ablations:
+`question` reads only the question's two spans, `first_token` only the first real token (under causal attention its
+query is the same for every input, so that router learns one plan for all inputs: the control for context
+awareness), and `mean` averages every token.
 
 Training samples a straight-through Gumbel-softmax gate: the forward value is hard (0 or 1, so the layer really runs
 one branch's output) while gradients flow through the soft sample. Inference takes the argmax, or a threshold on
@@ -36,7 +39,10 @@ from flux.plan import LayerDecision, Plan
 from flux.router_card import PAPER as PAPER_URL
 from flux.router_card import render_router_card
 
-POOLING = ("first_last", "mean")
+# Pooling -> how many head_dim-sized vectors the router's MLP reads (`mean` keeps the four slots of first_last,
+# filled with the one whole-sequence mean, so routers saved with it keep their input size).
+POOLING_SPANS = {"first_last": 4, "question": 2, "first_token": 1, "mean": 4}
+POOLING = tuple(POOLING_SPANS)
 
 
 class RouterConfigError(FluxUserError):
@@ -119,8 +125,21 @@ def span_indices(segments: dict[str, torch.Tensor] | None, valid: torch.Tensor |
     return index, torch.stack(ok, dim=1)
 
 
+def pooling_spans(pooling: str, segments: dict[str, torch.Tensor] | None, valid: torch.Tensor | None, batch: int,
+                  length: int, pool: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spans a span pooling reads, from `span_indices`: [B, S, pool] indices and validity with S spans
+    (POOLING_SPANS). `question` keeps the question's first and last `pool` tokens; `first_token` the sequence's first
+    real token (one span of one token)."""
+    if pooling == "first_token":
+        index, ok = span_indices(None, valid, batch, length, 1, device)
+        return index[:, :1], ok[:, :1]
+    index, ok = span_indices(segments, valid, batch, length, pool, device)
+    return (index[:, 2:], ok[:, 2:]) if pooling == "question" else (index, ok)
+
+
 def pool_queries(query: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """Mean over heads and over each span's tokens: [B, H, T, D] -> [B, 4 * D]. Gathers only 4 * pool tokens."""
+    """Mean over heads and over each span's tokens: [B, H, T, D] -> [B, S * D] for S spans. Gathers only the
+    spans' tokens."""
     b, h, _t, d = query.shape
     flat = index.reshape(b, 1, -1, 1).expand(b, h, -1, d)
     picked = query.gather(2, flat).float().mean(dim=1).reshape(b, index.shape[1], index.shape[2], d)
@@ -180,7 +199,7 @@ class LayerRouter(nn.Module, ModelHubMixin, library_name="flux", paper_url=PAPER
         cfg = self.config
         if cfg.kind == "global" and not 0 <= cfg.read_layer < num_layers:
             raise RouterConfigError(f"global router read_layer must be in [0, {num_layers}), got {cfg.read_layer}")
-        in_dim = 4 * head_dim
+        in_dim = POOLING_SPANS[cfg.pooling] * head_dim
         if cfg.kind == "per_layer":
             self.mlps = nn.ModuleList(_mlp(in_dim, cfg.hidden, 2, cfg.init_fa_bias) for _ in range(num_layers))
         else:
@@ -195,8 +214,8 @@ class LayerRouter(nn.Module, ModelHubMixin, library_name="flux", paper_url=PAPER
     def logits_for(self, layer_idx: int, query: torch.Tensor, segments, valid,
                    spans: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Logits [B, 2] for one layer, or [B, L, 2] from the global router at its read layer (None elsewhere).
-        `spans` are span_indices computed once per forward and shared by every layer (they depend on the input
-        only)."""
+        `spans` are the pooling's spans (pooling_spans) computed once per forward and shared by every layer (they
+        depend on the input only)."""
         cfg = self.config
         if cfg.kind == "global" and layer_idx != cfg.read_layer:
             return None
@@ -206,8 +225,8 @@ class LayerRouter(nn.Module, ModelHubMixin, library_name="flux", paper_url=PAPER
             q = query.float().mean(dim=1)
             pooled = ((q * w[..., None]).sum(1) / w.sum(1, keepdim=True)).repeat(1, 4)
         else:
-            index, ok = spans if spans is not None else span_indices(segments, valid, b, t,
-                                                                     min(cfg.pool_size, t), query.device)
+            index, ok = spans if spans is not None else pooling_spans(cfg.pooling, segments, valid, b, t,
+                                                                      min(cfg.pool_size, t), query.device)
             pooled = pool_queries(query, index, ok)
         mlp = self.mlps[layer_idx if cfg.kind == "per_layer" else 0]
         mlp_dtype = next(mlp.parameters()).dtype
@@ -286,8 +305,8 @@ class RouterPlan(Plan):
         """Pooling indices for this forward, built at the first routed layer and reused by the others."""
         b, _, t, _ = query.shape
         if self._spans is None:
-            pool = min(self.router.config.pool_size, t)
-            self._spans = span_indices(segments, self.valid, b, t, pool, query.device)
+            cfg = self.router.config
+            self._spans = pooling_spans(cfg.pooling, segments, self.valid, b, t, min(cfg.pool_size, t), query.device)
         return self._spans
 
     def decide(self, layer_idx: int, query: torch.Tensor, segments) -> LayerDecision:

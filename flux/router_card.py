@@ -59,7 +59,22 @@ def _evaluation_section(results: dict[str, Any] | None) -> str:
     rows.append(["**all**", "", str(sum(r["n"] for r in results["results"])), f"**{s['score']:.3f}**",
                  f"**{s['sparsity']:.2f}**"])
     return (f"Routing `{results['routing']}` with sparse attention `{json.dumps(results['sparse'])}`:\n\n"
-            + _table(["task", "length", "n", "score", "Ω"], rows))
+            + _table(["task", "length", "n", "score", "Ω"], rows) + _provenance_note(results.get("provenance")))
+
+
+def _provenance_note(provenance: dict[str, Any] | None) -> str:
+    """Where the evaluation's numbers come from (results.json's provenance), so a card reader can rerun it."""
+    if not provenance:
+        return ""
+    code = provenance["code"]
+    commit = f"commit `{code['commit'][:12]}`" + (" (dirty tree)" if code["dirty"] else "") if code["commit"] else (
+        "an unrecorded commit")
+    lines = [f"Evaluated {provenance['date']} with flux {provenance['flux_version'] or '(not installed)'}, {commit}."]
+    if provenance["task"]:
+        lines.append(f"Split: `{json.dumps(provenance['task'])}`.")
+    if provenance["overrides"]:
+        lines.append(f"Run overrides: `{' '.join(provenance['overrides'])}`.")
+    return "\n\n" + " ".join(lines)
 
 
 def render_router_card(meta: dict[str, Any], repo_id: str | None = None) -> str:

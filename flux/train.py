@@ -3,6 +3,11 @@
 With no arguments this is the CPU quickstart on the offline SmolLM2 backbone. Paper-scale runs are experiment
 configs: `python -m flux.train +experiment=qwen_32k`. Sweeps: `python -m flux.train -m sparse.window=1024,2048
 router.tau_start=1.0,1.5 objective.target=0.3,0.5,0.7`.
+
+With an `eval` group (`eval=ruler`; the experiment configs that ship routers set one) a run ends by evaluating the
+router it exported, in this process, through `flux.evaluate.evaluate`: results.json and routing.jsonl go to
+`<output_dir>/eval`, the summary into the router's card and the run's W&B summary, and results.json's provenance
+names this job's overrides, so `experiments/tables.py <sweep folder>` labels each row by the values it swept.
 """
 
 from __future__ import annotations
@@ -22,14 +27,27 @@ from omegaconf import DictConfig, OmegaConf
 from flux.callbacks import ExportRouterCallback, FluxProgressBar, RoutingMapCallback
 from flux.conf import CONFIG_PATH
 from flux.configs import build, build_backbone, build_pattern
-from flux.errors import ConfigError, report_user_errors, run_cli, warn
+from flux.errors import ConfigError, FluxUserError, report_user_errors, run_cli, warn
+from flux.evals.base import TASK_TYPES
+from flux.evals.provenance import task_settings
+from flux.evals.results import RESULTS_FILE, read_results
+from flux.evaluate import build_task, check_eval_group, evaluate
 from flux.lit import AtomicCheckpointIO, FluxLitModule
 from flux.memory import check_training_memory
 from flux.model import FluxModel
 from flux.objectives import ObjectiveError, TargetSchedule
 from flux.preflight import check_sa_backend, check_writable_dir, warn_if_window_covers
-from flux.resume import check_backbone, check_pattern, check_router, check_tasks, read_checkpoint
-from flux.router import LayerRouter, RouterConfig, export_router
+from flux.resume import (
+    AUTO,
+    ResumePoint,
+    check_backbone,
+    check_pattern,
+    check_router,
+    check_tasks,
+    read_checkpoint,
+    resume_path,
+)
+from flux.router import META_FILE, LayerRouter, RouterConfig, export_router, load_router, read_router_meta
 from flux.throughput import ThroughputCallback
 from flux.tracking import build_logger, close_loggers, log_config
 
@@ -121,6 +139,11 @@ def summary_text(result: dict[str, Any]) -> str:
             lines.append("  Ω is still far from its target: train longer (trainer.max_steps), or let the "
                          "multipliers move faster (objective.lambda_lr)")
     lines.append(f"router       {result['router_dir']}  (router.safetensors, router.json, README.md)")
+    if result.get("evaluation") is not None:
+        ev = result["evaluation"]
+        samples = sum(row["n"] for row in ev["results"])
+        lines.append(f"evaluation   {result['eval_dir']}  score {ev['summary']['score']:.3f}, Ω "
+                     f"{ev['summary']['sparsity']:.2f} over {samples} samples (results.json, routing.jsonl)")
     lines += result["logs"]
     lines.append(f"checkpoints  {Path(result['output_dir']) / 'checkpoints'}   routing maps  "
                  f"{Path(result['output_dir']) / 'routing_maps'}")
@@ -155,8 +178,30 @@ def check_train_config(cfg: DictConfig) -> None:
     check_sa_backend(cfg.attention.sa_backend, device_type)
 
 
+def per_type_targets(cfg: DictConfig) -> dict[str, float]:
+    """objective.per_type: one target per task type (retrieval | holistic), checked before anything loads."""
+    per_type = {str(k): v for k, v in (cfg.objective.get("per_type") or {}).items()}
+    unknown = sorted(set(per_type) - set(TASK_TYPES))
+    if unknown:
+        raise ObjectiveError(f"objective.per_type names task type(s) {unknown}; use {' and '.join(TASK_TYPES)}, e.g. "
+                             "objective.per_type.retrieval=0.45")
+    for kind, value in per_type.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ObjectiveError(f"objective.per_type.{kind}={value!r} must be a fraction of SA layers in [0, 1]")
+    return {k: float(v) for k, v in per_type.items()}
+
+
+def with_type_targets(target: TargetSchedule, per_type: dict[str, float], task_types: dict[str, str]
+                      ) -> TargetSchedule:
+    """The schedule with each task of a type in `per_type` given that type's target; objective.per_task wins."""
+    by_type = {task: per_type[kind] for task, kind in task_types.items() if kind in per_type}
+    return TargetSchedule(end=target.end, start=target.start, ramp_steps=target.ramp_steps,
+                          per_task={**by_type, **target.per_task})
+
+
 def build_target(cfg: DictConfig) -> TargetSchedule:
     obj = cfg.objective
+    per_type_targets(cfg)
     target = TargetSchedule(end=float(obj.target), start=float(obj.target_start), ramp_steps=int(obj.ramp_steps),
                             per_task={k: float(v) for k, v in (obj.per_task or {}).items()})
     max_steps = cfg.trainer.get("max_steps", -1)
@@ -211,17 +256,113 @@ def check_fits_on_gpu(cfg: DictConfig, backbone: Any, longest: int, data: Any) -
                           float(cfg.objective.distill_weight) > 0, shards)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def evaluation_metrics(results: dict[str, Any] | None) -> dict[str, float]:
+    """The in-run evaluation as flat metrics for the run's summary: overall and per task (over its lengths)."""
+    if results is None:
+        return {}
+    metrics = {"eval/score": results["summary"]["score"], "eval/sparsity": results["summary"]["sparsity"]}
+    for task in sorted({row["task"] for row in results["results"]}):
+        rows = [row for row in results["results"] if row["task"] == task]
+        n = sum(row["n"] for row in rows)
+        for key in ("score", "sparsity"):
+            metrics[f"eval/{task}/{key}"] = sum(row[key] * row["n"] for row in rows) / n
+    return metrics
+
+
+def evaluation_config(cfg: DictConfig, routing: dict[str, Any], output_dir: str | Path) -> DictConfig:
+    """The flux.evaluate config of a training config's `eval` group: same backbone, sparse pattern, attention
+    backends and device as training, with `routing` (e.g. {"mode": "router", "checkpoint": ...}). Baselines built
+    from it run on exactly the split and pattern the run's router was evaluated on."""
+    if not cfg.get("eval"):
+        raise ConfigError("this training config has no eval group; add one, e.g. eval=ruler_fresh")
+    device = "cuda" if trainer_device_type(cfg.trainer) == "cuda" else None
+    return OmegaConf.create({
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "sparse": OmegaConf.to_container(cfg.sparse, resolve=True),
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "attention": OmegaConf.to_container(cfg.attention, resolve=True),
+        "routing": dict(routing), "output_dir": str(output_dir), "output": None, "device": device})
+
+
+def evaluate_exported_router(cfg: DictConfig, router: LayerRouter, out_dir: Path,
+                             overrides: list[str] | None) -> dict[str, Any]:
+    """Evaluate the router this run exported (cfg.eval, in this process) into <output_dir>/eval and attach the
+    results to the router's card. The router runs its own pattern (the one it trained with); a rerun continues an
+    interrupted evaluation (flux.evaluate resumes from routing.jsonl)."""
+    eval_cfg = evaluation_config(cfg, {"mode": "router", "checkpoint": str(out_dir / "router")}, out_dir / "eval")
+    seeds = {"train": int(cfg.seed)}
+    if cfg.data.get("train_seed") is not None:
+        seeds["train_data"] = int(cfg.data.train_seed)
+    results = evaluate(eval_cfg, sparse_overrides=[], overrides=overrides, seeds=seeds)
+    router.card.evaluation = results
+    router.save_pretrained(out_dir / "router")  # same weights (same sha256), router.json and card gain the results
+    return results
+
+
+def exported_training_summary(router_dir: Path, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The training summary in router_dir's router.json when that folder holds exactly these weights (the run that
+    wrote it ended there), so exporting them again keeps what the run recorded; None otherwise."""
+    try:
+        exported, meta = load_router(router_dir)
+    except FluxUserError:
+        return None
+    saved = exported.state_dict()
+    same = saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].float().cpu()) for k in saved)
+    return meta.get("training") if same and meta.get("training") else None
+
+
+def finished_run(cfg: DictConfig, out_dir: Path, config: RouterConfig, pattern: Any) -> dict[str, Any] | None:
+    """With resume=auto, a run folder whose run already ended: its router.json records trainer.max_steps steps and,
+    with an eval group, eval/results.json holds the evaluation of the same split. Such a job has nothing left to do
+    (a rerun sweep skips it in seconds); its router must have this run's router config and sparse pattern, else the
+    folder belongs to another run (ResumeError). None when something is left to do."""
+    max_steps = cfg.trainer.get("max_steps", -1)
+    meta_path = out_dir / "router" / META_FILE
+    if str(cfg.resume) != AUTO or max_steps <= 0 or not meta_path.is_file():
+        return None
+    meta = read_router_meta(meta_path)
+    training = meta.get("training") or {}
+    steps = training.get("steps")
+    if not isinstance(steps, int) or steps < max_steps:
+        return None
+    done = ResumePoint(meta_path, steps, meta.get("backbone"), list(training.get("tasks") or []), meta["router"],
+                       meta.get("sparse"), {})
+    check_router(done, asdict(config))
+    check_pattern(done, pattern.describe())
+    evaluation = None
+    if cfg.get("eval"):
+        results_file = out_dir / "eval" / RESULTS_FILE
+        if not results_file.is_file():
+            return None
+        evaluation = read_results(results_file)
+        split = task_settings(OmegaConf.to_container(cfg.eval.task, resolve=True))
+        if (evaluation.get("provenance") or {}).get("task") != split:
+            return None  # evaluated on another split: evaluate again (flux.evaluate refuses to mix the two)
+    return {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": {}, "global_step": steps,
+            "steps_this_run": 0, "exported": False, "resumed_from": steps, "evaluation": evaluation,
+            "eval_dir": str(out_dir / "eval"),
+            "note": f"{out_dir} already holds this run's router ({steps} steps)"
+                    + (" and its evaluation" if evaluation is not None else "") + "; nothing left to do (resume=auto)"}
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Everything after composition; returns paths, the final metrics and what happened (used by tests and sweeps).
 
     Settings, the sparse pattern, the router config, the targets, the output folder and the resume checkpoint are
-    checked before the backbone loads; the task list and the prompts before training starts."""
+    checked before the backbone loads; the task list, the prompts and the evaluation task before training starts.
+    `overrides`: what defines this run, for the evaluation's provenance (default: this Hydra job's overrides)."""
     out_dir = Path(cfg.output_dir)
     check_train_config(cfg)
     pattern = build_pattern(cfg)
     config = router_config(cfg)
     target = build_target(cfg)
-    point = read_checkpoint(cfg.resume) if cfg.resume else None
+    if cfg.get("eval"):
+        check_eval_group(cfg)
+    finished = finished_run(cfg, out_dir, config, pattern)
+    if finished is not None:
+        return finished
+    checkpoint = resume_path(cfg.resume, out_dir)
+    point = read_checkpoint(checkpoint) if checkpoint is not None else None
     if point is not None:
         check_router(point, asdict(config))
         check_pattern(point, pattern.describe())
@@ -230,17 +371,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = training_backbone(cfg)
     if point is not None:
         check_backbone(point.backbone, backbone.name)
+    if cfg.get("eval"):
+        build_task(cfg, backbone.max_positions, backbone.name)  # an impossible evaluation fails before training
     router = build_router(cfg, backbone.num_layers, backbone.head_dim)
     max_steps = cfg.trainer.get("max_steps", -1)
     if point is not None and 0 < max_steps <= point.step:
         router.load_state_dict(point.router_state)
-        summary = {"steps": point.step, "tasks": point.tasks, "final_metrics": {}}
+        summary = (exported_training_summary(out_dir / "router", point.router_state)
+                   or {"steps": point.step, "tasks": point.tasks, "final_metrics": {}})
         export_router(router, out_dir / "router", backbone, pattern.describe(), summary)
+        evaluation = evaluate_exported_router(cfg, router, out_dir, overrides) if cfg.get("eval") else None
         return {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": {},
                 "global_step": point.step, "steps_this_run": 0, "exported": True, "resumed_from": point.step,
+                "evaluation": evaluation, "eval_dir": str(out_dir / "eval"),
                 "note": f"{point.path} is already at step {point.step} >= trainer.max_steps={max_steps}: nothing "
                         "left to train (raise trainer.max_steps to continue); exported its router"}
     data = build(cfg.data, tokenizer=backbone.tokenizer)
+    target = with_type_targets(target, per_type_targets(cfg), data.task_types)
     check_target_tasks(target, data.task_names)
     if point is not None:
         check_tasks(point.tasks, data.task_names, where=f"resume={point.path}")
@@ -258,21 +405,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            tau_fraction=float(cfg.router.tau_fraction),
                            gradient_checkpointing=bool(cfg.gradient_checkpointing), task_types=data.task_types)
     trainer = build_trainer(cfg, out_dir, pattern.describe())
+    export = next(c for c in trainer.callbacks if isinstance(c, ExportRouterCallback))
     log_config(trainer.loggers, cfg)
-    failed = True
+    failed, evaluation = True, None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(point.path) if point is not None else None)
+        if cfg.get("eval") and export.exported and not trainer.interrupted:
+            evaluation = evaluate_exported_router(cfg, router, out_dir, overrides)
         failed = trainer.interrupted
     finally:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
-        close_loggers(trainer.loggers, metrics, failed, trainer.is_global_zero)
+        close_loggers(trainer.loggers, {**metrics, **evaluation_metrics(evaluation)}, failed, trainer.is_global_zero)
     start = point.step if point is not None else 0
-    export = next(c for c in trainer.callbacks if isinstance(c, ExportRouterCallback))
     result = {"output_dir": str(out_dir), "router_dir": str(out_dir / "router"), "metrics": metrics,
               "global_step": trainer.global_step, "steps_this_run": trainer.global_step - start,
               "exported": export.exported, "resumed_from": point.step if point is not None else None,
               "summary": module.training_summary(), "logs": log_locations(trainer),
-              "is_global_zero": trainer.is_global_zero}
+              "is_global_zero": trainer.is_global_zero, "evaluation": evaluation, "eval_dir": str(out_dir / "eval")}
     if trainer.interrupted:
         last = out_dir / "checkpoints" / "last.ckpt"
         result["note"] = (f"training was interrupted at step {trainer.global_step}; no router exported"
@@ -282,21 +431,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def summary_line(result: dict[str, Any]) -> str:
     """What the run did, truthfully: the note of a run that did not train, or the export and its steps."""
+    evaluated = (f"; evaluated it into {result['eval_dir']}" if result.get("evaluation") is not None else "")
     if "note" in result:
-        return result["note"] + (f" to {result['router_dir']}" if result["exported"] else "")
+        return result["note"] + (f" to {result['router_dir']}{evaluated}" if result["exported"] else "")
     resumed = result["resumed_from"]
     steps = f"{result['global_step']} steps ({result['steps_this_run']} in this run"
     steps += f", resumed from step {resumed})" if resumed else ")"
     if not result["exported"]:  # a DDP rank other than 0: rank 0 writes the router
         return f"training ended after {steps}; this process exported no router (rank 0 does)"
-    return f"router exported to {result['router_dir']} after {steps}"
+    return f"router exported to {result['router_dir']} after {steps}" + evaluated
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @report_user_errors
 def hydra_main(cfg: DictConfig) -> None:
     result = run(cfg)
-    if result["is_global_zero"] and result["exported"] and "note" not in result:
+    if result.get("is_global_zero", True) and result["exported"] and "note" not in result:
         print(summary_text(result))  # under DDP every rank runs main; one summary is enough
     print(summary_line(result))
 

@@ -20,7 +20,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,6 +37,7 @@ from flux.evals.results import (
     BENCH_PHASES,
     RESULTS_FILE,
     ROUTING_FILE,
+    ROUTING_META_KEYS,
     ResultsFormatError,
     check_routing_record,
     read_bench,
@@ -49,12 +50,14 @@ from flux.evals.results import (
 __all__ = [
     "FA_COLOR",
     "INPUT_ERRORS",
+    "PARETO_RING",
     "SA_COLOR",
     "RoutingRecord",
     "RunFiles",
     "VizFileNotFoundError",
     "VizInputError",
     "as_records",
+    "context_awareness",
     "find_run_files",
     "layer_fa_probability",
     "length_buckets",
@@ -63,6 +66,7 @@ __all__ = [
     "load_results",
     "load_routing",
     "pareto_front",
+    "per_input_stats",
     "quality_vs_sparsity",
     "routing_heatmap",
     "save_figure",
@@ -110,6 +114,9 @@ _STYLE = {
     "savefig.dpi": 150,
 }
 
+# gid of the rings around the Pareto-front points of quality_vs_sparsity (the other collections are the runs).
+PARETO_RING = "pareto-front-points"
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -141,6 +148,7 @@ class RoutingRecord:
     decisions: tuple[int, ...]
     gates: tuple[float, ...] | None
     score: float | None
+    meta: Mapping[str, Any] = field(default_factory=dict)  # per-input properties (flux.evals.results)
 
     @property
     def num_layers(self) -> int:
@@ -169,6 +177,7 @@ def _parse_record(raw: object, where: str) -> RoutingRecord:
         decisions=tuple(raw["decisions"]),
         gates=None if raw["gates"] is None else tuple(float(g) for g in raw["gates"]),
         score=None if raw["score"] is None else float(raw["score"]),
+        meta=dict(raw.get("meta") or {}),
     )
 
 
@@ -515,6 +524,96 @@ def length_buckets(lengths: Sequence[int], max_buckets: int = 6) -> list[tuple[i
     return [(h // 2, h, f"{_tokens(h // 2)}–{_tokens(h)}") for h in highs]
 
 
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, ties sharing their mean rank (for Spearman's rho)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=float)
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation; None when it is undefined (fewer than 3 points, or a constant side)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def per_input_stats(records: Sequence[RoutingRecord | Mapping[str, Any]], prop: str = "needle_distance_tokens",
+                    num_layers: int | None = None) -> list[dict[str, Any]]:
+    """Per task, how much the router's Ω varies across inputs of that task: samples, mean and standard deviation of
+    the per-sample Ω, how many distinct layer plans the samples got, and Spearman's rho between Ω and the per-input
+    property `prop` over the samples that record it (None when none does or it is undefined)."""
+    if prop not in ROUTING_META_KEYS:
+        raise VizInputError(f"prop={prop!r} is not a per-input property of routing.jsonl; use one of "
+                            f"{list(ROUTING_META_KEYS)}")
+    rows = as_records(records, num_layers)
+    stats = []
+    for task in sorted({r.task for r in rows}):
+        task_rows = [r for r in rows if r.task == task]
+        omega = np.asarray([r.sparsity for r in task_rows])
+        placed = [r for r in task_rows if prop in r.meta]
+        stats.append({"task": task, "task_type": task_rows[0].task_type, "n": len(task_rows),
+                      "omega_mean": float(omega.mean()), "omega_std": float(omega.std()),
+                      "distinct_plans": len({r.decisions for r in task_rows}), "with_prop": len(placed),
+                      "spearman": spearman([r.meta[prop] for r in placed], [r.sparsity for r in placed])})
+    return stats
+
+
+def _plans(count: int) -> str:
+    return f"{count} plan" + ("" if count == 1 else "s")
+
+
+_PROP_LABELS = {"needle_distance_tokens": "tokens from the answer to the question",
+                "needle_depth": "answer depth in the context (0 = start)"}
+
+
+@_styled
+def context_awareness(records: Sequence[RoutingRecord | Mapping[str, Any]], prop: str = "needle_distance_tokens",
+                      window: int | None = None, num_layers: int | None = None) -> Figure:
+    """Does the router adapt per input? Left: per task, each input's Ω (share of layers on SA), with how many
+    distinct layer plans the task's inputs got. Right: Ω against a per-input property (`prop`, from routing.jsonl's
+    meta: by default how far the answer sits from the question), one colour per task with Spearman's rho in the
+    legend, and the sparse window (`window` tokens) marked: an answer closer than that is visible to SA layers.
+    Samples without the property are left out of the right panel, which says so when none has it."""
+    stats = per_input_stats(records, prop, num_layers)
+    rows = as_records(records, num_layers)
+    colors = task_colors(r.task for r in rows)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    spread_ax, prop_ax = fig.subplots(1, 2, width_ratios=[1, 1.2])
+    tasks = [s["task"] for s in stats]
+    _box_with_points(spread_ax, [np.asarray([r.sparsity for r in rows if r.task == t]) for t in tasks],
+                     [f"{s['task']}\n{_plans(s['distinct_plans'])} / {s['n']}" for s in stats],
+                     [colors[t] for t in tasks])
+    spread_ax.set_ylabel("Ω per input (share of SA layers)")
+    spread_ax.set_title("Ω across the inputs of each task")
+    placed = [r for r in rows if prop in r.meta]
+    prop_ax.set_ylim(-0.03, 1.03)
+    prop_ax.set_xlabel(_PROP_LABELS.get(prop, prop))
+    prop_ax.set_title(f"Ω against {prop}")
+    if not placed:
+        prop_ax.text(0.5, 0.5, f"no sample records {prop}\n(flux.evaluate records it for RULER retrieval tasks;\n"
+                     "evaluate again with this flux to draw it)", transform=prop_ax.transAxes, ha="center",
+                     va="center", color="#888888")
+    by_task = {s["task"]: s for s in stats}
+    for task in sorted({r.task for r in placed}):
+        task_rows = [r for r in placed if r.task == task]
+        rho = by_task[task]["spearman"]
+        label = f"{task} (n={len(task_rows)}, ρ={rho:+.2f})" if rho is not None else f"{task} (n={len(task_rows)})"
+        prop_ax.scatter([r.meta[prop] for r in task_rows], [r.sparsity for r in task_rows], s=16, alpha=0.8,
+                        color=colors[task], label=label)
+    if placed and window is not None and prop == "needle_distance_tokens":
+        prop_ax.axvline(window, color=SA_COLOR, linestyle="--", linewidth=1, label=f"sparse window ({window})")
+    if placed:
+        prop_ax.legend(loc="best", frameon=False)
+    fig.suptitle(f"Context awareness per input ({len(rows)} samples, {len(placed)} with {prop})")
+    return fig
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of points no other point beats on both axes (both maximised), ordered by the first coordinate."""
     front = []
@@ -537,32 +636,42 @@ def _task_point(run: Mapping[str, Any], task: str) -> tuple[float, float]:
 
 
 @_styled
-def quality_vs_sparsity(results_list: Sequence[Mapping[str, Any]], task: str | None = None) -> Figure:
+def quality_vs_sparsity(results_list: Sequence[Mapping[str, Any]], task: str | None = None,
+                        labels: Sequence[str] | None = None) -> Figure:
     """Score against sparsity for each run (dense, router, baselines), with the Pareto front of the runs.
 
-    ``task`` plots one task's sample-weighted score and sparsity instead of the run summary.
+    ``task`` plots one task's sample-weighted score and sparsity instead of the run summary. ``labels`` names each
+    run's point (e.g. the values a sweep set, from experiments/tables.py); by default the routing, and for runs that
+    share one, their folder name. Each routing has its own colour and marker (listed in the legend), so baselines
+    stay apart from routers; the points on the Pareto front are ringed and joined by the front line.
     """
     runs = [_checked_run(run, f"results_list[{i}]") for i, run in enumerate(results_list)]
     if not runs:
         raise VizInputError("results_list is empty; pass load_results(<sweep folder>) with at least one run")
+    if labels is not None and len(labels) != len(runs):
+        raise VizInputError(f"labels has {len(labels)} entries for {len(runs)} runs; give one label per run")
     points = [(float(r["summary"]["sparsity"]), float(r["summary"]["score"])) if task is None
               else _task_point(r, task) for r in runs]
     names = [str(r["routing"]) for r in runs]
-    # Runs sharing a routing (e.g. a sweep over targets) are told apart by their folder name.
-    labels = [f"{name} ({Path(r['source']).parent.name or i})" if names.count(name) > 1 else name
-              for i, (name, r) in enumerate(zip(names, runs, strict=True))]
+    if labels is None:
+        # Runs sharing a routing (e.g. a sweep over targets) are told apart by their folder name.
+        labels = [f"{name} ({Path(r['source']).parent.name or i})" if names.count(name) > 1 else name
+                  for i, (name, r) in enumerate(zip(names, runs, strict=True))]
 
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#bbbbbb", linewidth=1.5,
             zorder=1, label="Pareto front")
+    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=170, facecolors="none",
+               edgecolors="#777777", linewidths=1.0, zorder=2, gid=PARETO_RING)
     fallback = iter(matplotlib.colormaps["Dark2"].colors)
     styles: dict[str, tuple[Any, str]] = {}
     for (x, y), name, label in zip(points, names, labels, strict=True):
+        first = name not in styles
         color, marker = styles.setdefault(name, ROUTING_STYLES.get(name) or (next(fallback, "#444444"), "P"))
         ax.scatter([x], [y], color=color, marker=marker, s=90 if name == "router" else 50, zorder=3,
-                   edgecolor="white", linewidth=0.5)
+                   edgecolor="white", linewidth=0.5, label=name if first else None)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     dense = [p for p, name in zip(points, names, strict=True) if name == "dense"]
     if dense:

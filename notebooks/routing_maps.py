@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -113,6 +115,38 @@ show(viz.layer_fa_probability, records)
 
 # %% tags=["figure"]
 show(viz.sparsity_distribution, records)
+
+# %% [markdown]
+# ## Context awareness per input
+#
+# The paper's promise is a router that adapts to each input, not only to each task: a retrieval prompt whose answer
+# sits inside the sparse window could be routed sparser than one whose answer is far from the question. The left
+# panel shows, per task, the Ω of every input and how many distinct layer plans the task's inputs got (one plan for
+# all inputs means the router routes by task alone). The right panel puts each input's Ω against how far its answer
+# sits from the question (`needle_distance_tokens`, which `flux.evaluate` records in `routing.jsonl` for RULER
+# retrieval samples), with the sparse window marked: left of that line the answer is visible to SA layers too.
+# Spearman's rho per task says whether Ω falls as the answer moves away.
+
+# %%
+WINDOW = None
+if runs is not None:  # the sparse window the evaluated router ran with, from its results.json
+    window = [r["sparse"].get("window") for r in runs if r["routing"] == "router"]
+    WINDOW = window[0] if window else None
+stats = load(viz.per_input_stats, records) if records is not None else None
+if stats is not None:
+    print(f"{'task':<28}{'n':>4}{'mean Ω':>9}{'std Ω':>8}{'plans':>7}{'rho(Ω, distance)':>19}")
+    for s in stats:
+        rho = "n/a" if s["spearman"] is None else f"{s['spearman']:+.2f}"
+        print(f"{s['task']:<28}{s['n']:>4}{s['omega_mean']:>9.2f}{s['omega_std']:>8.3f}{s['distinct_plans']:>7}"
+              f"{rho:>19}")
+    if not any(s["with_prop"] for s in stats):
+        print("\nThis routing.jsonl records no answer positions: it was written before flux.evaluate recorded them "
+              "(the committed experiments/example_run is such a file), so the right panel is empty. Evaluate a "
+              "router with this flux (any run of experiments/ablations/run_all.sh does) and point FLUX_EXAMPLE_DIR "
+              "at it to see Ω against the answer's distance.")
+
+# %% tags=["figure"]
+show(viz.context_awareness, records, window=WINDOW)
 
 # %% [markdown]
 # ## Quality vs sparsity

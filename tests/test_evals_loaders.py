@@ -362,6 +362,30 @@ def test_ruler_grid_from_the_synthetic_generators():
     assert [s.answers for s in again.samples(WhitespaceTokenizer(), prompt_overhead=10)] == [s.answers for s in samples]
 
 
+def test_ruler_samples_record_where_their_answers_sit():
+    """Retrieval samples carry needle_depth / needle_distance_tokens (words here), checked by hand on the context;
+    holistic samples (no single answer position) carry neither."""
+    from flux.evals.ruler import needle_position
+
+    tok = WhitespaceTokenizer()
+    assert needle_position("a b KEY c d e", ["KEY"], tok) == {"needle_distance_tokens": 4, "needle_depth": 0.3333}
+    assert needle_position("x A y B z", ["B", "A"], tok) == {"needle_distance_tokens": 4, "needle_depth": 0.2}
+    assert needle_position("x y", ["missing"], tok) == {}
+    task = RulerTask(tasks=["niah_multikey", "niah_multivalue", "fwe"], lengths=[384], n=3, seed=1)
+    samples = task.samples(tok, prompt_overhead=10)
+    for sample in samples:
+        if sample.task == "fwe":
+            assert "needle_depth" not in sample.meta and "needle_distance_tokens" not in sample.meta
+            continue
+        words = sample.context.split()
+        first = min(i for i, w in enumerate(words) if any(a in w for a in sample.answers))
+        assert sample.meta["needle_distance_tokens"] == len(words) - first
+        assert sample.meta["needle_depth"] == pytest.approx(first / len(words), abs=1e-4)
+    # the generator's own depth of the queried needle agrees with the measured one (sentences vs words)
+    multikey = [s for s in samples if s.task == "niah_multikey"]
+    assert all(abs(s.meta["needle_depth"] - s.meta["depths"][0]) < 0.1 for s in multikey)
+
+
 def test_ruler_measures_the_template_overhead():
     from flux.data.prompting import build_prompt
 

@@ -160,3 +160,58 @@ def test_make_record_scores_and_files_a_generation(tmp_path):
     record = make_record(task, sample, "It is oslo.", [False, True], prompt_tokens=12, gates=[0.9, 0.2])
     assert record == SampleRecord("x", "jsonl/qa", "retrieval", 0, 1.0, [False, True], 12, [0.9, 0.2],
                                   prediction="It is oslo.", answers=("Oslo",))
+
+
+PROVENANCE = {"overrides": ["+experiment=ablation_base", "objective.target=0.3"],
+              "checkpoint": {"source": "runs/0/router", "weights_sha256": "ab" * 32},
+              "seeds": {"eval": 7, "train": 0}, "task": {"name": "ruler", "n": 20},
+              "code": {"commit": "c" * 40, "dirty": False}, "flux_version": "0.1.0", "date": "2026-12-01T09:30:00Z"}
+
+
+def test_provenance_round_trips_and_files_without_it_still_read(tmp_path):
+    with_it = build_results("bb", "router", {}, aggregate(RECORDS), provenance=PROVENANCE)
+    assert list(with_it) == ["backbone", "routing", "sparse", "results", "summary", "provenance"]
+    write_results(with_it, tmp_path)
+    assert read_results(tmp_path)["provenance"] == PROVENANCE
+    old = build_results("bb", "router", {}, aggregate(RECORDS))  # a file written before provenance existed
+    assert "provenance" not in old
+    write_results(old, tmp_path)
+    assert read_results(tmp_path) == old
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda p: p.pop("date"), r"provenance: keys must be exactly .*missing \['date'\]"),
+    (lambda p: p.update(overrides="a=1"), r"overrides must be a list of strings"),
+    (lambda p: p["checkpoint"].update(weights_sha256="xyz"), r"weights_sha256='xyz' must be 64 lowercase hex"),
+    (lambda p: p["checkpoint"].pop("source"), r"provenance.checkpoint: keys must be exactly"),
+    (lambda p: p.update(seeds={"eval": -1}), r"seeds must map names to non-negative integers or null"),
+    (lambda p: p["code"].update(dirty="yes"), r"dirty must be true, false or null"),
+    (lambda p: p.update(task=[1]), r"task must be an object"),
+])
+def test_provenance_validation_errors(tmp_path, mutate, message):
+    prov = json.loads(json.dumps(PROVENANCE))
+    mutate(prov)
+    results = {**_valid(), "provenance": prov}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ResultsFormatError, match=message):
+        read_results(tmp_path)
+
+
+def test_routing_meta_round_trips_and_is_checked(tmp_path):
+    import dataclasses
+
+    placed = dataclasses.replace(RECORDS[0], meta={"needle_depth": 0.25, "needle_distance_tokens": 700})
+    write_routing(tmp_path, [placed, *RECORDS[1:]])
+    lines = read_routing(tmp_path)
+    assert lines[0]["meta"] == {"needle_depth": 0.25, "needle_distance_tokens": 700} and "meta" not in lines[1]
+    good = {"id": "a", "task": "t/x", "task_type": "retrieval", "length": 10, "decisions": [0, 1], "gates": None,
+            "score": 1.0}
+    for meta, message in [({"depth": 0.5}, r"meta has unknown properties \['depth'\]"),
+                          ({"needle_depth": 1.5}, r"needle_depth=1.5 must be a number in \[0, 1\]"),
+                          ({"needle_distance_tokens": -3}, r"needle_distance_tokens=-3 must be a non-negative"),
+                          ([1], r"meta must be an object")]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps({**good, "meta": meta}) + "\n")
+        with pytest.raises(ResultsFormatError, match=message):
+            read_routing(tmp_path / "bad.jsonl")
+    with pytest.raises(ResultsFormatError, match="unknown properties"):
+        aggregate([dataclasses.replace(RECORDS[0], meta={"depth": 0.5})])

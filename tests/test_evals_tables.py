@@ -30,12 +30,15 @@ def row(task: str, length: int, n: int, score: float, sparsity: float) -> dict:
     return {"task": task, "length": length, "n": n, "score": score, "sparsity": sparsity}
 
 
-def write_run(path: Path, routing: str, rows: list[dict], sparse: dict | None = None) -> Path:
+def write_run(path: Path, routing: str, rows: list[dict], sparse: dict | None = None,
+              provenance: dict | None = None) -> Path:
     total = sum(r["n"] for r in rows)
     summary = {k: sum(r[k] * r["n"] for r in rows) / total for k in ("score", "sparsity")}
     path.mkdir(parents=True, exist_ok=True)
     results = {"backbone": "bb", "routing": routing, "sparse": sparse or {"pattern": "streaming", "window": 2048},
                "results": rows, "summary": summary}
+    if provenance is not None:
+        results["provenance"] = provenance
     (path / "results.json").write_text(json.dumps(results), encoding="utf-8")
     return path / "results.json"
 
@@ -71,8 +74,15 @@ def test_tables_hand_computed(sweep):
                                     for p in tables.find_results([str(sweep)])])
     assert [m.label for m in methods] == ["Dense (all FA)", "Router", "Static (Ω=0.50)", "Random (Ω=0.40)"]
     built = tables.build_tables(methods)
-    assert [t.name for t in built] == ["ruler_by_length", "ruler_by_task", "longbench_e_by_category",
+    assert [t.name for t in built] == ["ruler_by_type", "ruler_by_length", "ruler_by_task", "longbench_e_by_category",
                                        "longbench_e_by_length", "longbench_v2", "math"]
+
+    # niah_single is a retrieval task, cwe a holistic one: score and Ω per type, sample-weighted over the lengths
+    by_type = _table(built, "ruler_by_type")
+    assert by_type.columns == ["retrieval", "holistic", "Avg", "Ω retrieval", "Ω holistic"]
+    assert by_type.rows == [("Dense (all FA)", [75.0, 25.0, 50.0, 0.0, 0.0], 0.0),
+                            ("Router", [100.0, 50.0, 75.0, 37.5, 62.5], 0.5),
+                            ("Static (Ω=0.50)", [25.0, 0.0, 12.5, 50.0, 50.0], 0.5)]
 
     ruler = _table(built, "ruler_by_length")
     assert ruler.columns == ["1k", "2k", "Avg"]
@@ -122,6 +132,71 @@ def test_same_label_runs_are_told_apart_by_sparse_settings(tmp_path):
               {"pattern": "streaming", "window": 2048})
     runs = [dict(tables.read_results(p), source=str(p)) for p in tables.find_results([str(tmp_path)])]
     assert [m.label for m in tables.group_methods(runs)] == ["Router [window=1024]", "Router [window=2048]"]
+
+
+def provenance(*overrides: str, checkpoint: str | None = None) -> dict:
+    return {"overrides": list(overrides),
+            "checkpoint": None if checkpoint is None else {"source": checkpoint, "weights_sha256": "0f" * 32},
+            "seeds": {"eval": 7}, "task": {"name": "ruler"}, "code": {"commit": "a1b2c3d4e5f6a7b8", "dirty": True},
+            "flux_version": "0.1.0", "date": "2026-12-01T09:30:00Z"}
+
+
+def ablation_sweep(root: Path) -> Path:
+    """Three routers of a sweep (two swept jobs and the base job, with the overrides their runs were made with)
+    and two baselines, the way run_all.sh lays them out."""
+    def cells(score: float, omega: float) -> list[dict]:
+        return [row("ruler/niah_single", 2048, 2, score, omega), row("ruler/cwe", 2048, 2, score / 2, omega)]
+
+    common = ["+experiment=ablation_base", "backbone.source=/data/smollm2.gguf"]
+    for job, extra, score, omega in (("+experiment=ablation_base,objective.target=0.3", ["objective.target=0.3"],
+                                      0.9, 0.3),
+                                     ("+experiment=ablation_base,objective.target=0.7", ["objective.target=0.7"],
+                                      0.5, 0.7)):
+        job_dir = root / "sweep" / job
+        (job_dir / "wandb" / "offline-run-20261201_093000-abc").mkdir(parents=True)
+        write_run(job_dir / "eval", "router", cells(score, omega),
+                  provenance=provenance(*common, *extra, checkpoint=str(job_dir / "router")))
+    write_run(root / "base" / "+experiment=ablation_base" / "eval", "router", cells(0.8, 0.5),
+              provenance=provenance(*common, checkpoint=str(root / "base" / "+experiment=ablation_base" / "router")))
+    write_run(root / "baselines" / "dense", "dense", cells(1.0, 0.0), provenance=provenance("routing.mode=dense"))
+    write_run(root / "baselines" / "random_0.5", "random", cells(0.2, 0.5),
+              provenance=provenance("routing.mode=random", "routing.sparsity=0.5"))
+    return root
+
+
+def test_sweep_rows_are_labelled_by_their_swept_values_and_drawn_on_a_pareto_figure(tmp_path):
+    root = ablation_sweep(tmp_path)
+    out, page = tmp_path / "tables", tmp_path / "pages" / "target.md"
+    commands = ["python -m flux.train -m +experiment=ablation_base objective.target=0.3,0.7"]
+    tables.main([str(root / "sweep"), str(root / "base"), str(root / "baselines"), "--out", str(out), "--pareto",
+                 "--markdown", str(page), "--title", "Ablation: target", *[f"--command={c}" for c in commands]])
+    runs = [dict(tables.read_results(p), source=str(p)) for p in tables.find_results([str(root)])]
+    labels = [m.label for m in tables.group_methods(runs)]
+    assert labels == ["Dense (all FA)", "Router [objective.target=0.3]", "Router [no swept override]",
+                      "Router [objective.target=0.7]", "Random (Ω=0.50)"]  # routers ordered by their Ω
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# Ablation: target\n\n```bash\n" + commands[0] + "\n```\n")
+    assert "![score vs sparsity](../tables/pareto.png)" in text  # linked relative to the page
+    assert "| Router [objective.target=0.3] | 90.0 | 45.0 | 67.5 | 30.0 | 30.0 | 0.30 |" in text  # ruler_by_type
+    # the runs list says how each row was made, with the W&B run of each training job
+    assert "overrides `+experiment=ablation_base backbone.source=/data/smollm2.gguf objective.target=0.3`" in text
+    assert "router weights sha256 `0f0f0f0f0f0f`" in text and "commit `a1b2c3d4e5f6` (dirty tree)" in text
+    assert f"W&B run `{root / 'sweep' / '+experiment=ablation_base,objective.target=0.3' / 'wandb'}" in text
+    assert (out / "README.md").read_text(encoding="utf-8").count("![score vs sparsity](pareto.png)") == 1
+
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "pareto.png").shape[2] in (3, 4)  # a real PNG
+    fig = tables.draw_pareto(tables.group_methods(runs), {r["source"]: r for r in runs}, tmp_path / "again.png")
+    assert fig.is_file()
+
+
+def test_swept_labels_need_provenance_and_ignore_deletions():
+    with_prov = [{"provenance": provenance("sparse=triangle")},
+                 {"provenance": provenance("sparse=xattn", "~sparse.sink", "~sparse.window")}]
+    assert tables._swept_labels(with_prov) == ["sparse=triangle", "sparse=xattn"]
+    assert tables._swept_labels([with_prov[0], {}]) is None  # a file from before provenance: other labels apply
+    assert tables._compact("objective.per_type.retrieval=0.3, router=global") == "retrieval=0.3, router=global"
 
 
 def test_same_label_same_settings_fall_back_to_folder_names(tmp_path):

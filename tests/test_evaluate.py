@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from flux.backbone import load_backbone
 from flux.conf import CONFIG_MODULE
 from flux.data.prompting import build_prompt, collate_left_padded
 from flux.errors import ConfigError, FluxUserError
+from flux.evals import read_results
 from flux.evaluate import EvalConfigError, RandomPlan, evaluate, layer_plan
 from flux.model import FluxModel
 from flux.router import LayerRouter, RouterCheckpointError, export_router
@@ -41,21 +43,50 @@ def test_modes_write_results_and_routing(tmp_path, mode, extra):
     results = evaluate(_cfg(tmp_path, f"routing.mode={mode}", *extra))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == results
-    assert set(results) == {"backbone", "routing", "sparse", "results", "summary"}
+    assert set(results) == {"backbone", "routing", "sparse", "results", "summary", "provenance"}
     assert {r["task"] for r in results["results"]} == {"ruler/niah_single", "ruler/fwe"}
     assert all(r["n"] == 2 and 0 <= r["score"] <= 1 for r in results["results"])
     lines = [json.loads(x) for x in (tmp_path / "routing.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(len(x["decisions"]) == 3 for x in lines)
+    # retrieval samples say where their answer sits (per-input properties), holistic ones do not
+    assert all(set(x["meta"]) == {"needle_depth", "needle_distance_tokens"} for x in lines
+               if x["task"] == "ruler/niah_single")
+    assert all("meta" not in x for x in lines if x["task"] == "ruler/fwe")
     expected = {"dense": 0.0, "sparse": 1.0, "static": 2 / 3, "first_dense": 2 / 3, "random": 1 / 3}[mode]
     assert results["summary"]["sparsity"] == pytest.approx(expected)
 
 
+def test_results_record_their_provenance(tmp_path):
+    """results.json says which run it is: overrides (the caller's outside Hydra), seeds, split, code and date."""
+    from flux.evals.provenance import code_state, flux_version
+
+    results = evaluate(_cfg(tmp_path / "random", "routing.mode=random", "routing.sparsity=0.34", "routing.seed=5"),
+                       overrides=["routing.mode=random", "routing.sparsity=0.34"], seeds={"train": 3})
+    prov = results["provenance"]
+    assert prov["overrides"] == ["routing.mode=random", "routing.sparsity=0.34"]
+    assert prov["checkpoint"] is None and prov["seeds"] == {"eval": 0, "routing": 5, "train": 3}
+    assert prov["task"] == {"name": "ruler", "tasks": ["niah_single", "fwe"], "lengths": [256], "n": 2, "seed": 0,
+                            "haystack": "noise", "max_new_tokens": 4}
+    assert all(r["n"] == 2 for r in results["results"])  # n per cell is in every row
+    assert prov["code"] == code_state() and prov["code"]["commit"]  # this checkout's git commit
+    assert len(prov["code"]["commit"]) == 40 and isinstance(prov["code"]["dirty"], bool)
+    assert prov["flux_version"] == flux_version() == "0.1.0"
+    saved = json.loads((tmp_path / "random" / "eval_config.json").read_text())
+    assert prov["date"] == saved["started"] and prov["date"].endswith("Z")
+    dense = evaluate(_cfg(tmp_path / "dense", "routing.mode=dense"))
+    assert dense["provenance"]["overrides"] == [] and dense["provenance"]["seeds"] == {"eval": 0}
+
+
 def test_router_mode_and_checkpoint_checks(tmp_path):
+    from flux.router import file_sha256
+
     evaluated = load_backbone("tiny_random", tiny={"num_layers": 3})  # the backbone TINY composes
     router = LayerRouter(3, 16, kind="per_layer", init_fa_bias=-6.0)  # biased to SA: all-sparse decisions
     export_router(router, tmp_path / "router", evaluated, {"pattern": "streaming", "sink": 4, "window": 32})
     results = evaluate(_cfg(tmp_path / "run", "routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"))
     assert results["routing"] == "router" and results["summary"]["sparsity"] == pytest.approx(1.0)
+    assert results["provenance"]["checkpoint"] == {
+        "source": str(tmp_path / "router"), "weights_sha256": file_sha256(tmp_path / "router" / "router.safetensors")}
     export_router(router, tmp_path / "other", load_backbone("tiny_random", family="qwen2", tiny={"num_layers": 3}), {})
     with pytest.raises(RouterCheckpointError, match=r"trained for backbone 'tiny_random-qwen2' \(fingerprint \w+\), "
                                                     r"not for 'tiny_random-llama' .*: model_type 'qwen2' vs 'llama'"):
@@ -141,7 +172,13 @@ RESUMABLE = ["routing.mode=random", "routing.sparsity=0.34", "eval.task.n=3", "e
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in ("routing.jsonl", "results.json", "eval_config.json")}
+    """The evaluation's files, without when it started (eval_config's `started`, results' provenance date): two
+    evaluations started at different times differ only there."""
+    files = {name: (folder / name).read_bytes() for name in ("routing.jsonl", "results.json", "eval_config.json")}
+    config, results = json.loads(files["eval_config.json"]), json.loads(files["results.json"])
+    assert results["provenance"]["date"] == config.pop("started")
+    results["provenance"].pop("date")
+    return {**files, "eval_config.json": json.dumps(config).encode(), "results.json": json.dumps(results).encode()}
 
 
 class Interrupt(RuntimeError):
@@ -178,6 +215,7 @@ def test_an_interrupted_evaluation_resumes_to_the_same_files(tmp_path, capsys):
     written = (part / "routing.jsonl").read_bytes()
     assert written == b"".join(line.encode() + b"\n" for line in lines[:4])  # the finished samples are on disk
     assert not (part / "results.json").exists()
+    started = json.loads((part / "eval_config.json").read_text())["started"]
     with (part / "routing.jsonl").open("ab") as f:  # and a kill in the middle of the next write tears a line
         f.write(lines[4].encode()[:25])
     capsys.readouterr()
@@ -185,9 +223,12 @@ def test_an_interrupted_evaluation_resumes_to_the_same_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dropped a partly written last line" in err and "resuming: 4 of 6 samples" in err
     assert _files(part) == whole
+    assert json.loads((part / "results.json").read_text())["provenance"]["date"] == started  # kept from the start
 
     again = evaluate(_cfg(part, *RESUMABLE))  # a finished folder: results rebuilt from routing.jsonl, no new lines
-    assert _files(part) == whole and again == json.loads(whole["results.json"])
+    assert _files(part) == whole and again["provenance"]["date"] == started
+    again["provenance"].pop("date")
+    assert again == json.loads(whole["results.json"])
 
 
 def test_an_interrupted_perplexity_run_resumes_to_the_same_files(tmp_path):
@@ -219,6 +260,9 @@ def test_a_folder_holding_another_evaluation_is_refused(tmp_path):
     pattern = {"pattern": "streaming", "sink": 4, "window": 32}
     export_router(router, tmp_path / "router", _tiny_backbone(), pattern)
     routed = ["routing.mode=router", f"routing.checkpoint={tmp_path / 'router'}"]
+    evaluate(_cfg(tmp_path / "routed", *routed))
+    # attaching the evaluation to the router's card rewrites router.json, not the router: the folder still resumes
+    export_router(router, tmp_path / "router", _tiny_backbone(), pattern, evaluation=read_results(tmp_path / "routed"))
     evaluate(_cfg(tmp_path / "routed", *routed))
     torch.nn.init.normal_(router.mlps[0][0].weight)  # retrained in place: same path, other weights
     export_router(router, tmp_path / "router", _tiny_backbone(), pattern)

@@ -52,7 +52,7 @@ def _images(cell: nbformat.NotebookNode) -> int:
     return sum("image/png" in out.get("data", {}) for out in cell.outputs)
 
 
-@pytest.mark.parametrize(("name", "figures"), [("routing_maps", 5), ("speed", 1)])
+@pytest.mark.parametrize(("name", "figures"), [("routing_maps", 6), ("speed", 1)])
 def test_notebook_draws_every_figure(name: str, figures: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      kernel_env: None) -> None:
     example = fx.write_example_run(tmp_path / "example", num_layers=6)
@@ -62,10 +62,18 @@ def test_notebook_draws_every_figure(name: str, figures: int, tmp_path: Path, mo
     cells = _figure_cells(notebook)
     assert len(cells) == figures
     assert [_images(c) for c in cells] == [1] * figures
-    assert "Cannot" not in _text(notebook)
+    text = _text(notebook)
+    assert "Cannot" not in text
+    if name == "routing_maps":  # the per-input table: one line per task, rho where the answer positions are known
+        from flux import viz
+
+        stats = viz.per_input_stats(viz.load_routing(example / "router"))
+        for s in stats:
+            assert f"{s['task']:<28}{s['n']:>4}{s['omega_mean']:>9.2f}" in text
+        assert "records no answer positions" not in text
 
 
-@pytest.mark.parametrize(("name", "figures"), [("routing_maps", 5), ("speed", 1)])
+@pytest.mark.parametrize(("name", "figures"), [("routing_maps", 6), ("speed", 1)])
 def test_notebook_draws_every_figure_from_the_committed_example_run(name: str, figures: int, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      kernel_env: None) -> None:
@@ -77,6 +85,8 @@ def test_notebook_draws_every_figure_from_the_committed_example_run(name: str, f
     notebook = _execute(name, tmp_path)
     assert [_images(c) for c in _figure_cells(notebook)] == [1] * figures
     assert "Cannot" not in _text(notebook)
+    if name == "routing_maps":  # the committed run predates recorded answer positions: the notebook says so
+        assert "This routing.jsonl records no answer positions" in _text(notebook)
 
 
 def test_routing_maps_explains_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_env: None) -> None:
@@ -92,8 +102,8 @@ def test_routing_maps_explains_bad_input(tmp_path: Path, monkeypatch: pytest.Mon
     assert "records have 6 layers but num_layers=30 was expected" in text
     assert "'results' must be a non-empty list of rows" in text
     assert f"no metrics.csv under {bad}; `python -m flux.train` writes it" in text
-    assert text.count("Skipped ") == 5
-    assert [_images(c) for c in _figure_cells(notebook)] == [0] * 5
+    assert text.count("Skipped ") == 6
+    assert [_images(c) for c in _figure_cells(notebook)] == [0] * 6
 
 
 def test_speed_explains_missing_bench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_env: None) -> None:
@@ -145,10 +155,10 @@ def test_routing_maps_opens_any_run_folder(run_folders: Path, folder: str, routi
     assert f"routing: {routing}: " in text and "3 layers" in text
     drawn = [_images(c) for c in _figure_cells(notebook)]
     if missing is None:
-        assert drawn == [1] * 5 and "Cannot" not in text
+        assert drawn == [1] * 6 and "Cannot" not in text
         assert "       dense: score" in text and "      router: score" in text
     else:
-        assert sum(drawn) == 4 and missing in text  # the one figure without its input says why
+        assert sum(drawn) == 5 and missing in text  # the one figure without its input says why
 
 
 @pytest.mark.parametrize("name", ["routing_maps", "speed"])

@@ -227,6 +227,61 @@ def test_exported_router_reloads_and_reproduces_decisions(tiny, tiny_model, batc
         assert torch.equal(plan_a.logits[i], plan_b.logits[i])
 
 
+def _pooled_reference(query: torch.Tensor, spans: list[list[list[int]]]) -> torch.Tensor:
+    """float64 reference of a span pooling: per sample, for each span (a list of token indices), the mean over heads
+    and over those tokens, the spans' vectors concatenated."""
+    q = query.double().mean(dim=1)  # [B, T, D]
+    return torch.stack([torch.cat([q[b, idx].mean(dim=0) for idx in sample]) for b, sample in enumerate(spans)])
+
+
+@pytest.mark.parametrize(("pooling", "spans"), [
+    # sample 0: context [2, 12), question [12, 18); sample 1: left-padded by 4, context [4, 12), question [12, 18)
+    ("first_last", [[[2, 3, 4], [9, 10, 11], [12, 13, 14], [15, 16, 17]],
+                    [[4, 5, 6], [9, 10, 11], [12, 13, 14], [15, 16, 17]]]),
+    ("question", [[[12, 13, 14], [15, 16, 17]], [[12, 13, 14], [15, 16, 17]]]),
+    ("first_token", [[[0]], [[4]]]),  # the first real token (sample 1's padding is skipped)
+])
+def test_span_poolings_read_exactly_their_tokens(pooling, spans):
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 3, 20, 4, generator=gen)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[:, 18:] = True
+    segments = {"context": torch.tensor([[2, 12], [4, 12]]), "question": torch.tensor([[12, 18], [12, 18]])}
+    router = LayerRouter(2, 4, RouterConfig(pooling=pooling, pool_size=3)).double()
+    assert router.mlps[0][0].in_features == 4 * len(spans[0])  # the MLP reads one head_dim vector per span
+    expected = _pooled_reference(query, spans)
+    for layer in range(2):
+        logits = router.logits_for(layer, query.double(), segments, valid)
+        torch.testing.assert_close(logits, router.mlps[layer](expected).float())
+
+
+def test_first_token_router_gives_every_input_the_same_plan_and_question_pooling_does_not(tiny, tiny_model, batch,
+                                                                                          tmp_path):
+    """first_token reads a query that causal attention makes identical for every input: the control for context
+    awareness; question pooling reads the input. Both export and reload with their own input size."""
+    ids = batch["input_ids"].clone()
+    ids[1, 6] = ids[0, 0]  # sample 1's first real token is sample 0's first token; the rest differs
+    same_start = {**batch, "input_ids": ids}
+    for pooling, same_plan in (("first_token", True), ("question", False)):
+        router = scrambled_router(tiny, pooling=pooling).eval()
+        export_router(router, tmp_path / pooling, tiny, PATTERN.describe())
+        loaded, _ = load_router(tmp_path / pooling, tiny)
+        with torch.no_grad():
+            _, plan = forward(tiny_model, router, same_start)
+            _, again = forward(tiny_model, loaded, same_start)
+        for layer in plan.routed_layers():
+            torch.testing.assert_close(plan.logits[layer], again.logits[layer])
+            identical = torch.allclose(plan.logits[layer][0], plan.logits[layer][1], atol=1e-5)
+            assert identical == same_plan, (pooling, layer)
+
+
+def test_unknown_pooling_lists_the_choices():
+    with pytest.raises(RouterConfigError, match=r"pooling must be one of \('first_last', 'question', 'first_token', "
+                                                r"'mean'\), got 'last'"):
+        RouterConfig(pooling="last")
+
+
 def test_fingerprint_depends_on_architecture_not_name(tiny):
     same = load_backbone("tiny_random", seed=5)  # other weights, same architecture
     assert backbone_fingerprint(same.config) == tiny.fingerprint

@@ -94,6 +94,13 @@ def test_model_card_shows_backbone_fingerprint_pattern_sparsity_and_evaluation(t
     assert "| holistic | fwe | 0.75 | 0.50 |" in card and "| retrieval | niah_single | 0.25 | 0.50 |" in card
     assert "from the last validation pass after 12 steps" in card
     assert "| ruler/fwe | 256 | 2 | 1.000 | 0.75 |" in card and "| **all** |  | 4 | **0.750** | **0.50** |" in card
+    provenance = {"overrides": ["objective.target=0.3"], "checkpoint": None, "seeds": {"eval": 7},
+                  "task": {"name": "ruler", "n": 2}, "code": {"commit": "0123456789abcdef", "dirty": False},
+                  "flux_version": "0.1.0", "date": "2026-12-01T09:30:00Z"}
+    export_router(router, tmp_path / "prov", tiny, PATTERN.describe(), TRAINING, evaluation() | {"provenance": provenance})
+    assert ("Evaluated 2026-12-01T09:30:00Z with flux 0.1.0, commit `0123456789ab`. Split: "
+            '`{"name": "ruler", "n": 2}`. Run overrides: `objective.target=0.3`.') in (tmp_path / "prov" / "README.md"
+                                                                                      ).read_text()
     export_router(router, tmp_path / "bare", tiny, PATTERN.describe())
     bare = (tmp_path / "bare" / "README.md").read_text()
     assert "No per-task sparsity was recorded" in bare and "No evaluation was attached" in bare

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_tools import leaves
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from wandb_files import wandb_run_summary
 
 import flux.train
 from flux.attention.patterns import PatternError
-from flux.backbone import SMOLLM2_NAME, BackboneError, dequantised_gguf_dir, load_backbone, smollm2_gguf_path
+from flux.backbone import SMOLLM2_NAME, BackboneError, load_backbone
 from flux.conf import CONFIG_MODULE
 from flux.configs import build_pattern
 from flux.data.module import FluxDataModule
@@ -346,15 +348,6 @@ EXPERIMENTS = {
 }
 
 
-def leaves(node, prefix: str = ""):
-    """(dotted key, value) of every leaf of a plain nested dict."""
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
 def test_experiment_configs_compose_with_their_values(experiment, tmp_path):
     cfg = compose_train([f"+experiment={experiment}", f"output_dir={tmp_path}"])
@@ -525,54 +518,6 @@ def test_smollm2_run_logs_and_exports(smollm2_run):
     assert torch.equal(logits[0][0], logits[1][0])
     for i in range(30):
         assert torch.equal(logits[0][1][i], logits[1][1][i])
-
-
-def wandb_records(run_file: Path) -> list:
-    """The records of an offline W&B run file (`run-<id>.wandb`): a LevelDB-style log of 32 KiB blocks, each record
-    cut into chunks with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last), after a 7-byte
-    file header. Each record is a wandb_internal_pb2.Record."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos, pending, out = run_file.read_bytes(), 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 2):
-            pending = chunk
-        elif kind in (3, 4):
-            pending += chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            out.append(record)
-    return out
-
-
-def wandb_run_summary(run_dir: Path) -> tuple[dict, dict, dict]:
-    """(run facts, config, summary) of one offline W&B run folder, read from its run file."""
-    import json
-
-    (run_file,) = run_dir.glob("run-*.wandb")
-    facts, config, summary = {}, {}, {}
-    for record in wandb_records(run_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            facts = {"id": record.run.run_id, "group": record.run.run_group, "name": record.run.display_name}
-            items = record.run.config.update
-        elif kind in ("config", "summary"):
-            items = getattr(record, kind).update
-        else:
-            continue
-        target = summary if kind == "summary" else config
-        for item in items:
-            key = item.key or "/".join(item.nested_key)
-            target[key] = json.loads(item.value_json)
-    return facts, config, summary
 
 
 @pytest.mark.slow
@@ -805,3 +750,87 @@ def test_short_runs_and_wide_windows_warn(tiny_dir, tmp_path):
     messages = [str(w.message) for w in caught if issubclass(w.category, FluxWarning)]
     assert any("trainer.max_steps=1 < objective.ramp_steps=10: the sparsity target stops at 0" in m for m in messages)
     assert any("sink 4 + window 4096 covers every prompt" in m and "saves no KV memory" in m for m in messages)
+
+
+# -- a run that ends with its evaluation; targets per task type; resume=auto ------------------------------------
+
+EVAL = ["eval=ruler", "eval.task.tasks=[niah_single,fwe]", "eval.task.lengths=[256]", "eval.task.n=2",
+        "eval.task.max_new_tokens=4", "eval.batch_size=4"]
+
+
+def test_a_run_ends_by_evaluating_its_router_then_a_rerun_with_resume_auto_does_nothing(tiny_dir, tmp_path):
+    from flux.evals import read_results
+    from flux.resume import ResumeError
+    from flux.router import file_sha256
+
+    overrides = tiny_overrides(tiny_dir, tmp_path) + ["trainer.max_steps=2", "checkpoint_every=1", "resume=auto",
+                                                      *EVAL]
+    result = flux.train.run(compose_train(overrides), overrides=["objective.target=0.5"])
+    results = read_results(tmp_path / "eval")
+    assert result["evaluation"] == results and results["routing"] == "router"
+    assert {row["task"] for row in results["results"]} == {"ruler/niah_single", "ruler/fwe"}
+    provenance = results["provenance"]
+    assert provenance["overrides"] == ["objective.target=0.5"]  # the caller's: no Hydra run here
+    assert provenance["checkpoint"] == {"source": str(tmp_path / "router"),
+                                        "weights_sha256": file_sha256(tmp_path / "router" / "router.safetensors")}
+    assert provenance["seeds"] == {"eval": 0, "train": 0, "train_data": 1000}
+    _, meta = load_router(tmp_path / "router")
+    assert meta["evaluation"] == results and meta["training"]["steps"] == 2  # the card keeps both
+    assert "## Evaluation" in (tmp_path / "router" / "README.md").read_text()
+    assert "ruler/niah_single" in (tmp_path / "router" / "README.md").read_text()
+    text = flux.train.summary_text(result)
+    assert f"evaluation   {tmp_path / 'eval'}  score {results['summary']['score']:.3f}" in text
+    assert flux.train.evaluation_metrics(results)["eval/sparsity"] == results["summary"]["sparsity"]
+    assert flux.train.summary_line(result).endswith(f"; evaluated it into {tmp_path / 'eval'}")
+
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    again = flux.train.run(compose_train(overrides))  # finished: nothing trains, nothing is rewritten
+    assert again["note"].endswith("already holds this run's router (2 steps) and its evaluation; nothing left to do "
+                                  "(resume=auto)")
+    assert again["evaluation"] == results and again["steps_this_run"] == 0
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    with pytest.raises(ResumeError, match=r"another router config \(hidden: \[128\] in the checkpoint, \[32\] now\)"):
+        flux.train.run(compose_train(overrides + ["router.hidden=[32]"]))  # the folder belongs to another run
+
+
+def test_resume_auto_continues_a_cut_off_run_and_its_evaluation(tiny_dir, tmp_path):
+    from flux.evals import read_results
+
+    plain = tiny_overrides(tiny_dir, tmp_path) + ["checkpoint_every=1", "resume=auto"]
+    base = plain + EVAL
+    fresh = flux.train.run(compose_train(plain + ["trainer.max_steps=1"]))  # nothing to resume: starts fresh
+    assert fresh["resumed_from"] is None and fresh["evaluation"] is None
+    longer = flux.train.run(compose_train(base + ["trainer.max_steps=2"]))  # continues from checkpoints/last.ckpt
+    assert (longer["resumed_from"], longer["global_step"], longer["steps_this_run"]) == (1, 2, 1)
+    (tmp_path / "eval" / "results.json").unlink()  # an evaluation cut off before its end
+    kept = (tmp_path / "eval" / "routing.jsonl").read_bytes()
+    done = flux.train.run(compose_train(base + ["trainer.max_steps=2"]))
+    assert "already at step 2" in done["note"] and (tmp_path / "eval" / "routing.jsonl").read_bytes() == kept
+    assert done["evaluation"] == read_results(tmp_path / "eval") == longer["evaluation"]
+    _, meta = load_router(tmp_path / "router")
+    assert meta["training"] == longer["summary"] | {"final_metrics": meta["training"]["final_metrics"]}
+    assert "sparsity" in meta["training"]  # exporting the same weights again kept what the run recorded
+
+
+def test_targets_per_task_type(tiny_dir, tmp_path):
+    cfg = compose_train(tiny_overrides(tiny_dir, tmp_path) + [
+        "trainer.max_steps=1", "trainer.limit_val_batches=0", "objective.ramp_steps=0",
+        "+objective.per_type.retrieval=0.2", "+objective.per_type.holistic=0.7"])
+    result = flux.train.run(cfg)
+    assert result["summary"]["targets"] == {"niah_single": 0.2, "fwe": 0.7}
+    cfg = compose_train(tiny_overrides(tiny_dir, tmp_path / "b") + [
+        "trainer.max_steps=1", "trainer.limit_val_batches=0", "objective.ramp_steps=0",
+        "+objective.per_type.retrieval=0.2", "+objective.per_task.niah_single=0.4"])
+    assert flux.train.run(cfg)["summary"]["targets"] == {"niah_single": 0.4, "fwe": 0.5}  # per_task wins
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+objective.per_type.needle=0.3"], r"objective.per_type names task type\(s\) \['needle'\]; use retrieval"),
+    (["+objective.per_type.retrieval=1.5"], r"objective.per_type.retrieval=1.5 must be a fraction"),
+    ([*EVAL, "eval.task.lengths=[4096]"], r"the task needs 4096 positions but backbone .* has 2048"),
+    ([*EVAL, "eval.batch_size=0"], r"eval.batch_size=0 must be a positive integer"),
+])
+def test_bad_targets_and_evaluations_fail_before_training(tiny_dir, tmp_path, overrides, message):
+    with pytest.raises(FluxUserError, match=message):
+        flux.train.run(compose_train(tiny_overrides(tiny_dir, tmp_path) + overrides))
+    assert not (tmp_path / "checkpoints").exists()

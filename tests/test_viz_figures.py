@@ -107,6 +107,54 @@ def test_length_buckets_group_many_prompt_lengths_by_powers_of_two() -> None:
     assert viz.length_buckets([7, 9, 9]) == [(6, 7, "7"), (8, 9, "9")]  # few lengths: one box each
 
 
+def _run_points(ax):
+    """The scatter collections of the runs (not the rings around the Pareto front's points)."""
+    return [c for c in ax.collections if c.get_gid() != viz.PARETO_RING]
+
+
+def _placed(sample_id: str, task: str, decisions: list[int], distance: int | None) -> dict[str, Any]:
+    rec = _rec(sample_id, task, decisions)
+    return rec | ({"meta": {"needle_depth": 0.5, "needle_distance_tokens": distance}} if distance is not None else {})
+
+
+def test_per_input_stats_hand_computed() -> None:
+    records = [_placed("a", "niah", [1, 1, 0, 0], 50), _placed("b", "niah", [1, 0, 0, 0], 300),
+               _placed("c", "niah", [0, 0, 0, 0], 900), _placed("d", "niah", [1, 0, 0, 0], None),
+               _placed("e", "cwe", [1, 1, 1, 0], None), _placed("f", "cwe", [1, 1, 1, 0], None)]
+    niah, cwe = sorted(viz.per_input_stats(records), key=lambda s: s["task"], reverse=True)
+    # niah: Ω 0.5, 0.25, 0, 0.25 -> mean 0.25, std sqrt(0.125 / 4); plans {1100, 1000, 0000}; the three placed
+    # samples fall in Ω as the distance grows: rho = -1
+    assert (niah["n"], niah["distinct_plans"], niah["with_prop"]) == (4, 3, 3)
+    assert niah["omega_mean"] == pytest.approx(0.25) and niah["omega_std"] == pytest.approx((0.125 / 4) ** 0.5)
+    assert niah["spearman"] == pytest.approx(-1.0)
+    assert (cwe["n"], cwe["distinct_plans"], cwe["omega_std"], cwe["spearman"]) == (2, 1, 0.0, None)
+    assert viz.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert viz.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1])
+    with pytest.raises(ValueError, match=r"prop='depth' is not a per-input property of routing.jsonl"):
+        viz.per_input_stats(records, prop="depth")
+
+
+def test_context_awareness_draws_omega_per_input_and_against_the_answer_distance(tmp_path: Path) -> None:
+    records = viz.load_routing(fx.write_example_run(tmp_path, num_layers=6) / "router")
+    fig = viz.context_awareness(records, window=64)
+    spread_ax, prop_ax = fig.axes
+    stats = viz.per_input_stats(records)
+    assert [t.get_text() for t in spread_ax.get_xticklabels()] == [
+        f"{s['task']}\n{s['distinct_plans']} plan{'s' if s['distinct_plans'] != 1 else ''} / {s['n']}" for s in stats]
+    placed = [r for r in records if "needle_distance_tokens" in r.meta]
+    assert placed and {r.task_type for r in placed} == {"retrieval"}
+    drawn = np.concatenate([c.get_offsets() for c in prop_ax.collections])
+    expected = sorted((r.meta["needle_distance_tokens"], r.sparsity) for r in placed)
+    np.testing.assert_allclose(sorted(map(tuple, drawn)), expected)
+    (window,) = [line for line in prop_ax.get_lines() if line.get_label() == "sparse window (64)"]
+    assert list(window.get_xdata()) == [64, 64]
+    legend = [t.get_text() for t in prop_ax.get_legend().get_texts()]
+    assert any(t.startswith("niah_single (n=6, ρ=") for t in legend)
+    unplaced = [r for r in records if r.task_type == "holistic"]
+    empty = viz.context_awareness(unplaced, window=64).axes[1]
+    assert not empty.collections and "no sample records needle_distance_tokens" in empty.texts[0].get_text()
+
+
 def test_pareto_front_hand_example() -> None:
     points = [(0.0, 0.9), (0.5, 0.8), (0.5, 0.7), (1.0, 0.5), (0.3, 0.6)]
     assert viz.pareto_front(points) == [0, 1, 3]
@@ -116,11 +164,16 @@ def test_quality_vs_sparsity_labels_every_run_and_draws_the_front(tmp_path: Path
     runs = viz.load_results(fx.write_example_run(tmp_path, num_layers=6))
     fig = viz.quality_vs_sparsity(runs)
     (ax,) = fig.axes
-    assert len(ax.collections) == len(fx.ROUTINGS)
+    assert len(_run_points(ax)) == len(fx.ROUTINGS)
     assert sorted(t.get_text() for t in ax.texts) == sorted(fx.ROUTINGS)
     points = [(r["summary"]["sparsity"], r["summary"]["score"]) for r in runs]
     front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front")
     np.testing.assert_allclose(front.get_xdata(), [points[i][0] for i in viz.pareto_front(points)])
+    (ring,) = [c for c in ax.collections if c.get_gid() == viz.PARETO_RING]  # the front's points are ringed
+    np.testing.assert_allclose(ring.get_offsets(), [points[i] for i in viz.pareto_front(points)])
+    # every routing is a legend entry with its own marker, so baselines are told apart from routers
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert set(fx.ROUTINGS) <= set(legend) and "Pareto front" in legend
     dense_score = next(r["summary"]["score"] for r in runs if r["routing"] == "dense")
     dense_line = next(line for line in ax.get_lines() if line.get_label() == "dense score")
     np.testing.assert_allclose(dense_line.get_ydata(), [dense_score, dense_score])
@@ -135,7 +188,11 @@ def test_quality_vs_sparsity_tells_same_routing_runs_apart_and_plots_one_task() 
     fig = viz.quality_vs_sparsity(runs, task="qa")
     (ax,) = fig.axes
     assert sorted(t.get_text() for t in ax.texts) == ["router (t03)", "router (t05)"]
-    np.testing.assert_allclose(ax.collections[0].get_offsets(), [[0.75, 0.25]])
+    np.testing.assert_allclose(_run_points(ax)[0].get_offsets(), [[0.75, 0.25]])
+    labelled = viz.quality_vs_sparsity(runs, labels=["target=0.3", "target=0.5"])  # e.g. a sweep's swept values
+    assert sorted(t.get_text() for t in labelled.axes[0].texts) == ["target=0.3", "target=0.5"]
+    with pytest.raises(ValueError, match="labels has 1 entries for 2 runs"):
+        viz.quality_vs_sparsity(runs, labels=["one"])
     assert ax.get_ylabel() == "score (qa)"
     with pytest.raises(ValueError, match=r"no results for task='math'; tasks there: \['qa', 'sum'\]"):
         viz.quality_vs_sparsity(runs, task="math")

@@ -38,6 +38,7 @@ def _decisions(routing: str, num_layers: int, task_type: str, rng: np.random.Gen
 def routing_records(routing: str, num_layers: int, per_cell: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """``per_cell`` samples per (task, length); only the router logs gates, as flux.evaluate does."""
     rng = np.random.default_rng(seed)
+    placement = np.random.default_rng(seed + 1000)  # its own stream: the other draws stay as they were
     records = []
     for task, task_type in TASKS:
         for length in LENGTHS:
@@ -46,9 +47,12 @@ def routing_records(routing: str, num_layers: int, per_cell: int = 3, seed: int 
                 gates = None
                 if routing == "router":
                     gates = [round(float(np.clip((1 - d) * 0.8 + rng.uniform(0, 0.2), 0, 1)), 4) for d in decisions]
-                records.append({"id": f"{task}-{length}-{i}", "task": task, "task_type": task_type,
-                                "length": length, "decisions": decisions, "gates": gates,
-                                "score": float(rng.integers(0, 2))})
+                record = {"id": f"{task}-{length}-{i}", "task": task, "task_type": task_type, "length": length,
+                          "decisions": decisions, "gates": gates, "score": float(rng.integers(0, 2))}
+                if task_type == "retrieval":  # where the answer sits, as flux.evaluate records it
+                    depth = round(float(placement.uniform(0, 1)), 4)
+                    record["meta"] = {"needle_depth": depth, "needle_distance_tokens": int((1 - depth) * length)}
+                records.append(record)
     return records
 
 

@@ -7,14 +7,8 @@
 # SKIP_TESTS=1 skips the tests.
 set -uo pipefail
 out=$1; shift
-mkdir -p "$out" /tmp/flux_pkgs
-ln -sfn "$PWD/kernels" /tmp/flux_pkgs/flux_kernels
-[ -e flux/conf ] || ln -s ../conf flux/conf
-# wheels for what the GPU image lacks (omegaconf, hydra-core, antlr4, gguf), carried in .whl/ (see DESIGN.md)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="/tmp/flux_pkgs:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+source experiments/device_env.sh  # flux_kernels and flux.conf symlinks, the carried wheels, PYTHONPATH
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 } 2>&1 | tee "$out/gpu.txt"

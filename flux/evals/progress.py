@@ -2,7 +2,8 @@
 same evaluation into the same folder continues where the last one stopped.
 
 The folder holds `eval_config.json` (everything that decides the results: the resolved config, the effective
-sparse pattern, a digest of the router files) next to routing.jsonl. A rerun with the same identity reads the lines
+sparse pattern, a digest of the router; plus `started`, when the evaluation first started, which results.json's
+provenance reports and a resumed run keeps) next to routing.jsonl. A rerun with the same identity reads the lines
 already there, checks that they are the first samples of the evaluation order, and appends the rest; a rerun with
 another identity is refused (mixing two configurations in one results.json would be silently wrong). A line torn by
 a kill mid-write is dropped (its sample is evaluated again). Lines are appended per batch with one write, a flush and
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from flux.errors import FluxUserError
+from flux.evals.provenance import now_utc
 from flux.evals.results import ROUTING_FILE, SampleRecord, read_routing, routing_line
 
 CONFIG_FILE = "eval_config.json"
+# The key of eval_config.json that records when the evaluation started; not part of its identity.
+STARTED_KEY = "started"
 
 
 class EvalResumeError(FluxUserError):
@@ -53,23 +57,28 @@ class EvalProgress:
         self.identity = json.loads(json.dumps(identity))  # the form it takes on disk (tuples become lists)
         self.routing = self.folder / ROUTING_FILE
         self.config = self.folder / CONFIG_FILE
+        self.started: str | None = None  # set by start(): when this evaluation first started (ISO 8601 UTC)
 
     def start(self) -> list[dict[str, Any]]:
         """Check the folder against this evaluation and return the routing lines already written (maybe none).
         Writes eval_config.json, so an unwritable folder fails here, before any model work."""
         self.folder.mkdir(parents=True, exist_ok=True)
         lines: list[dict[str, Any]] = []
+        saved: dict[str, Any] = {}
         if self.routing.is_file() and self.routing.stat().st_size > 0:
-            self._check_identity()
+            saved = self._check_identity()
             lines = self._read_lines()
+        self.started = saved.get(STARTED_KEY) if lines and saved.get(STARTED_KEY) else now_utc()
         tmp = self.config.with_name(f".{CONFIG_FILE}.tmp")
-        tmp.write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        content = {**self.identity, STARTED_KEY: self.started}
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, self.config)
         if not lines and self.routing.exists():
             self.routing.unlink()
         return lines
 
-    def _check_identity(self) -> None:
+    def _check_identity(self) -> dict[str, Any]:
+        """The saved eval_config.json, after checking that it describes this evaluation."""
         fix = f"use another output_dir, or delete {self.folder} to start over"
         if not self.config.is_file():
             raise EvalResumeError(f"{self.routing} exists but {self.config.name} does not, so it cannot be checked "
@@ -78,9 +87,13 @@ class EvalProgress:
             saved = json.loads(self.config.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise EvalResumeError(f"{self.config} is not valid JSON ({err}); {fix}") from err
-        if saved != self.identity:
-            diff = ", ".join(config_differences(saved, self.identity))
+        if not isinstance(saved, dict):
+            raise EvalResumeError(f"{self.config} is not an object; {fix}")
+        identity = {k: v for k, v in saved.items() if k != STARTED_KEY}
+        if identity != self.identity:
+            diff = ", ".join(config_differences(identity, self.identity))
             raise EvalResumeError(f"{self.folder} holds an evaluation with another config ({diff}); {fix}")
+        return saved
 
     def _read_lines(self) -> list[dict[str, Any]]:
         data = self.routing.read_bytes()

@@ -4,15 +4,36 @@ results.json has exactly this shape (tables, notebooks and the README numbers al
 
     {"backbone": str, "routing": str, "sparse": {...},
      "results": [{"task": str, "length": int, "n": int, "score": float, "sparsity": float}, ...],
-     "summary": {"score": float, "sparsity": float}}
+     "summary": {"score": float, "sparsity": float},
+     "provenance": {...}}                                   (optional: files written before it existed lack it)
 
 A row averages the samples of one (task, length) cell: `score` in [0, 1], `sparsity` the mean fraction of layers
-routed to sparse attention (Omega_MSR). `summary` is the n-weighted mean of the rows, i.e. the mean over all
-samples. routing.jsonl has one line per sample: `{"id", "task", "task_type", "length", "decisions", "gates",
-"score"}` with `decisions` one 0/1 per layer (1 = SA), `gates` the router's per-layer FA weights or null, and
-`length` the number of prompt tokens the model saw; generation tasks add `prediction` (the decoded output) and
-`answers` (the references it was scored against). flux.evaluate appends the lines as samples finish and rebuilds
-results.json from them, so the file is also what a resumed evaluation continues from.
+routed to sparse attention (Omega_MSR), `n` the number of samples in the cell. `summary` is the n-weighted mean of the
+rows, i.e. the mean over all samples. `sparse` is the pattern that ran (its name and parameters).
+
+`provenance` says where the numbers come from, so a table can label a row and a reader can rerun it:
+
+    {"overrides": [str, ...],          the Hydra overrides that define the run (a training job's own, for the
+                                        evaluation a training run ends with); the caller's list outside Hydra
+     "checkpoint": null | {"source": str, "weights_sha256": str},
+                                        the router evaluated: the path or Hub id given, and the sha256 of its
+                                        router.safetensors (router.json is left out: attaching this very evaluation
+                                        to the router's card rewrites it)
+     "seeds": {str: int | null},        e.g. {"eval": the task's data seed, "routing": random plans, "train": ...}
+     "task": {...} | null,              the evaluation task's settings (the split: tasks, lengths, n, seed, ...)
+     "code": {"commit": str | null, "dirty": bool | null},   git commit of flux's checkout and whether its tree
+                                        differed from it (null when unknown, e.g. an installed wheel)
+     "flux_version": str | null,
+     "date": str}                       ISO 8601 UTC time the evaluation started (a resumed one keeps it)
+
+routing.jsonl has one line per sample: `{"id", "task", "task_type", "length", "decisions", "gates", "score"}` with
+`decisions` one 0/1 per layer (1 = SA), `gates` the router's per-layer FA weights or null, and `length` the number
+of prompt tokens the model saw; generation tasks add `prediction` (the decoded output) and `answers` (the references
+it was scored against), and samples with per-input properties add `meta` (keys in ROUTING_META_KEYS: for a
+retrieval sample whose answers sit verbatim in its context, `needle_depth` in [0, 1] = the share of the context's
+tokens before the farthest answer the question needs, and `needle_distance_tokens` = the context tokens from that
+answer to the end of the context, where the question starts). flux.evaluate appends the lines as samples finish
+and rebuilds results.json from them, so the file is also what a resumed evaluation continues from.
 Training writes the same lines for its validation passes, with `score` null (no reference answer is scored
 there).
 
@@ -20,8 +41,8 @@ bench.json is what `python -m flux.bench` writes (sections env, config, prefill,
 into the flat timing rows the figures read: `{"device", "backbone", "dense_backend", "rows": [{"phase", "context",
 "batch", "sa_fraction", "ms", "speedup", ...}]}` (a file already in that flat form is read as it is).
 
-This module is the one schema for the three files: flux.evaluate writes through it, flux.viz and the notebooks read
-through it.
+This module is the one schema for the three files: flux.evaluate writes through it, flux.viz, the notebooks and
+experiments/tables.py read through it.
 """
 
 from __future__ import annotations
@@ -44,10 +65,16 @@ BENCH_FILE = "bench.json"
 BENCH_PHASES = ("prefill", "decode")
 BENCH_ROW_KEYS = ("phase", "context", "batch", "sa_fraction", "ms", "speedup")
 TOP_KEYS = ("backbone", "routing", "sparse", "results", "summary")
+TOP_OPTIONAL_KEYS = ("provenance",)
+PROVENANCE_KEYS = ("overrides", "checkpoint", "seeds", "task", "code", "flux_version", "date")
+CHECKPOINT_KEYS = ("source", "weights_sha256")
+CODE_KEYS = ("commit", "dirty")
 ROW_KEYS = ("task", "length", "n", "score", "sparsity")
 SUMMARY_KEYS = ("score", "sparsity")
 ROUTING_KEYS = ("id", "task", "task_type", "length", "decisions", "gates", "score")
-ROUTING_OPTIONAL_KEYS = ("prediction", "answers")
+ROUTING_OPTIONAL_KEYS = ("prediction", "answers", "meta")
+# Per-input properties a routing.jsonl line may carry under "meta" (see the module docstring), with their checks.
+ROUTING_META_KEYS = ("needle_depth", "needle_distance_tokens")
 SUMMARY_TOL = 1e-6
 
 
@@ -69,6 +96,7 @@ class SampleRecord:
     gates: Sequence[float] | None = None
     prediction: str | None = None
     answers: Sequence[str] | None = None
+    meta: Mapping[str, Any] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -77,11 +105,13 @@ class SampleRecord:
 
 def make_record(task: EvalTask, sample: EvalSample, prediction: str, decisions: Sequence[bool], prompt_tokens: int,
                 gates: Sequence[float] | None = None) -> SampleRecord:
-    """Score one generation and file it under the task's results row (the glue of an evaluation loop)."""
+    """Score one generation and file it under the task's results row (the glue of an evaluation loop). The sample's
+    per-input properties (ROUTING_META_KEYS found in its meta) go with it."""
     label, length = task.row_key(sample)
+    meta = {k: sample.meta[k] for k in ROUTING_META_KEYS if k in sample.meta}
     return SampleRecord(id=sample.id, task=label, task_type=sample.meta["task_type"], length=length,
                         score=task.score(prediction, sample), decisions=decisions, prompt_tokens=prompt_tokens,
-                        gates=gates, prediction=prediction, answers=tuple(sample.answers))
+                        gates=gates, prediction=prediction, answers=tuple(sample.answers), meta=meta or None)
 
 
 def _is_number(value: Any) -> bool:
@@ -110,6 +140,8 @@ def _check_record(rec: SampleRecord, num_layers: int) -> None:
         raise ResultsFormatError(f"{where}: {len(rec.gates)} gates for {num_layers} layers")
     if not _is_count(rec.prompt_tokens, 1):
         raise ResultsFormatError(f"{where}: prompt_tokens={rec.prompt_tokens!r} must be a positive integer")
+    if rec.meta:
+        _check_routing_meta(rec.meta, where)
 
 
 def aggregate(records: Iterable[SampleRecord]) -> list[dict[str, Any]]:
@@ -138,11 +170,14 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {key: sum(row[key] * row["n"] for row in rows) / total for key in SUMMARY_KEYS}
 
 
-def build_results(backbone: str, routing: str, sparse: Mapping[str, Any],
-                  rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The results.json content for `rows` (from `aggregate`, or `PerplexityTask.result_row`), validated."""
+def build_results(backbone: str, routing: str, sparse: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                  provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The results.json content for `rows` (from `aggregate`, or `PerplexityTask.result_row`), validated;
+    `provenance` (see the module docstring) is added when given."""
     results = {"backbone": backbone, "routing": routing, "sparse": dict(sparse),
                "results": [dict(row) for row in rows], "summary": summarize(rows) if rows else {}}
+    if provenance is not None:
+        results["provenance"] = dict(provenance)
     return validate_results(results, "results")
 
 
@@ -154,9 +189,47 @@ def _exact_keys(obj: Any, keys: Sequence[str], where: str, optional: Sequence[st
         raise ResultsFormatError(f"{where}: keys must be exactly {list(keys)}; missing {missing}, unexpected {extra}")
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def validate_provenance(obj: Any, where: str) -> None:
+    """Check the `provenance` object of results.json (its shape is in the module docstring)."""
+    _exact_keys(obj, PROVENANCE_KEYS, where)
+    overrides = obj["overrides"]
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ResultsFormatError(f"{where}: overrides must be a list of strings (Hydra overrides), got {overrides!r}")
+    checkpoint = obj["checkpoint"]
+    if checkpoint is not None:
+        _exact_keys(checkpoint, CHECKPOINT_KEYS, f"{where}.checkpoint")
+        if not isinstance(checkpoint["source"], str) or not checkpoint["source"]:
+            raise ResultsFormatError(f"{where}.checkpoint: source must be the router's path or Hub id")
+        if not _is_sha256(checkpoint["weights_sha256"]):
+            raise ResultsFormatError(f"{where}.checkpoint: weights_sha256={checkpoint['weights_sha256']!r} must be "
+                                     "64 lowercase hex digits")
+    seeds = obj["seeds"]
+    if not isinstance(seeds, Mapping) or not all(isinstance(k, str) and (v is None or _is_count(v, 0))
+                                                 for k, v in seeds.items()):
+        raise ResultsFormatError(f"{where}: seeds must map names to non-negative integers or null, got {seeds!r}")
+    if obj["task"] is not None and not isinstance(obj["task"], Mapping):
+        raise ResultsFormatError(f"{where}: task must be an object (the evaluation task's settings) or null")
+    _exact_keys(obj["code"], CODE_KEYS, f"{where}.code")
+    if obj["code"]["commit"] is not None and not isinstance(obj["code"]["commit"], str):
+        raise ResultsFormatError(f"{where}.code: commit must be a string or null")
+    if obj["code"]["dirty"] is not None and not isinstance(obj["code"]["dirty"], bool):
+        raise ResultsFormatError(f"{where}.code: dirty must be true, false or null")
+    if obj["flux_version"] is not None and not isinstance(obj["flux_version"], str):
+        raise ResultsFormatError(f"{where}: flux_version must be a string or null")
+    if not isinstance(obj["date"], str) or not obj["date"]:
+        raise ResultsFormatError(f"{where}: date must be an ISO 8601 string")
+
+
 def validate_results(obj: Any, source: str) -> dict[str, Any]:
-    """Check the exact results.json shape and the summary arithmetic; returns `obj` as a dict."""
-    _exact_keys(obj, TOP_KEYS, source)
+    """Check the exact results.json shape and the summary arithmetic; returns `obj` as a dict. Files without
+    `provenance` (written before it was recorded) are valid."""
+    _exact_keys(obj, TOP_KEYS, source, optional=TOP_OPTIONAL_KEYS)
+    if "provenance" in obj:
+        validate_provenance(obj["provenance"], f"{source}: provenance")
     for key in ("backbone", "routing"):
         if not isinstance(obj[key], str) or not obj[key]:
             raise ResultsFormatError(f"{source}: {key!r} must be a non-empty string, got {obj[key]!r}")
@@ -229,6 +302,8 @@ def routing_line(rec: SampleRecord) -> dict[str, Any]:
     if rec.prediction is not None:
         line["prediction"] = rec.prediction
         line["answers"] = list(rec.answers or ())
+    if rec.meta:
+        line["meta"] = dict(rec.meta)
     return line
 
 
@@ -239,7 +314,7 @@ def record_from_line(line: Mapping[str, Any], length: int) -> SampleRecord:
     return SampleRecord(id=line["id"], task=line["task"], task_type=line["task_type"], length=length,
                         score=float(line["score"]), decisions=[bool(d) for d in line["decisions"]],
                         prompt_tokens=int(line["length"]), gates=line["gates"], prediction=line.get("prediction"),
-                        answers=None if answers is None else tuple(answers))
+                        answers=None if answers is None else tuple(answers), meta=line.get("meta"))
 
 
 def write_routing(path: str | Path, records: Iterable[SampleRecord]) -> Path:
@@ -278,6 +353,22 @@ def check_routing_record(rec: Any, loc: str) -> None:
         _fraction(g, "gate", loc)
     if rec["score"] is not None:  # null: a training-time record, nothing scored
         _fraction(rec["score"], "score", loc)
+    if "meta" in rec:
+        _check_routing_meta(rec["meta"], loc)
+
+
+def _check_routing_meta(meta: Any, loc: str) -> None:
+    """The per-input properties of a routing line: known keys only, each with its own range."""
+    if not isinstance(meta, Mapping):
+        raise ResultsFormatError(f"{loc}: meta must be an object of per-input properties, got {meta!r:.80}")
+    unknown = sorted(set(meta) - set(ROUTING_META_KEYS))
+    if unknown:
+        raise ResultsFormatError(f"{loc}: meta has unknown properties {unknown}; known: {list(ROUTING_META_KEYS)}")
+    if "needle_depth" in meta:
+        _fraction(meta["needle_depth"], "needle_depth", loc)
+    if "needle_distance_tokens" in meta and not _is_count(meta["needle_distance_tokens"], 0):
+        raise ResultsFormatError(f"{loc}: needle_distance_tokens={meta['needle_distance_tokens']!r} must be a "
+                                 "non-negative integer")
 
 
 def read_routing(path: str | Path) -> list[dict[str, Any]]:

@@ -6,6 +6,10 @@ fits in L tokens: the user message is generated at L minus the generation budget
 tokens, minus a 1% margin for the generators' overshoot, so the 8k cell runs on an 8k-context model. Scoring is RULER's `string_match_all`: the fraction of the
 references found in the output, case-insensitive (RULER uses `string_match_part` only for its QA tasks, which the
 flux generators do not include; for single-answer tasks the two coincide).
+
+Each retrieval sample whose answers sit verbatim in its context also records where they sit (`needle_position`):
+routing.jsonl carries it, so a figure can ask whether the router routes a prompt whose answer lies within the sparse
+window differently from one whose answer is far from the question.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flux.data.tokens import count_tokens
 from flux.errors import ConfigError
 from flux.evals.base import EvalSample, EvalTask, as_str_list, check_override
 from flux.evals.metrics import string_match_all
@@ -98,6 +103,7 @@ class RulerTask(EvalTask):
                                  f"{self._budget(task)} generated tokens, {overhead} template tokens and the 1% "
                                  "margin; use longer lengths")
             for ex in make_examples(task, self.n, message_tokens, tokenizer, self.seed, haystack):
+                position = needle_position(ex.context, ex.answers, tokenizer) if ex.task_type == "retrieval" else {}
                 out.append(EvalSample(
                     id=ex.id,
                     task=task,
@@ -105,7 +111,7 @@ class RulerTask(EvalTask):
                     question=ex.question,
                     answers=tuple(ex.answers),
                     length_hint=length,
-                    meta={"task_type": ex.task_type, "message_tokens": message_tokens, **ex.meta},
+                    meta={"task_type": ex.task_type, "message_tokens": message_tokens, **ex.meta, **position},
                 ))
         return out
 
@@ -124,6 +130,19 @@ class RulerTask(EvalTask):
     def required_positions(self) -> int:
         """The longest cell: prompt and generation are sized to fit in it."""
         return max(self.lengths)
+
+
+def needle_position(context: str, answers: Sequence[str], tokenizer: Any) -> dict[str, Any]:
+    """Where the answers of a retrieval sample sit: `needle_distance_tokens`, the context tokens from the farthest
+    answer the question needs (the first occurrence of the earliest one) to the end of the context, where the
+    question starts; and `needle_depth`, the share of the context's tokens before it (0 = at the start). Empty when
+    an answer is not in the context verbatim (then there is no single place to point at)."""
+    starts = [context.find(answer) for answer in answers]
+    if not answers or min(starts) < 0:
+        return {}
+    distance = count_tokens(tokenizer, context[min(starts):])
+    total = max(count_tokens(tokenizer, context), distance)  # split text may tokenise one token longer
+    return {"needle_distance_tokens": distance, "needle_depth": round(1.0 - distance / total, 4)}
 
 
 def template_overhead(tokenizer: Any) -> int:
