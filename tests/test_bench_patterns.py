@@ -60,7 +60,10 @@ def test_xattn_density_on_real_smollm2_activations(smollm2):
     ids = smollm2.tokenizer(text, return_tensors="pt")["input_ids"][:, :300]
     pattern = XAttentionPattern(block_size=32, stride=8, threshold=0.9)
     captured = {}
-    original = copy.copy(model.config._attn_implementation)
+    # the session's backbone may be wrapped by a FluxModel (which refuses unrouted calls): run it plain here
+    fixture_impl = copy.copy(model.config._attn_implementation)
+    model.set_attn_implementation("sdpa")
+    original = "sdpa"
     with torch.no_grad():
         want_logits = model(input_ids=ids, use_cache=False).logits
 
@@ -85,7 +88,7 @@ def test_xattn_density_on_real_smollm2_activations(smollm2):
         with torch.no_grad():
             got_logits = model(input_ids=ids, use_cache=False).logits
     finally:
-        model.set_attn_implementation(original)
+        model.set_attn_implementation(fixture_impl)
     torch.testing.assert_close(got_logits, want_logits)
     scores = xattn_block_scores_reference(captured["q"], captured["k"], None, 32, 8, captured["scale"])
     keep = xattn_select_reference(scores, None, 32, 300, threshold=0.9)
@@ -96,7 +99,8 @@ def test_xattn_density_on_real_smollm2_activations(smollm2):
 
 @pytest.mark.gpu
 def test_run_patterns_rows_on_gpu():
-    cfg = load_plain_config(["patterns.lengths=[8192]", "patterns.repeats=2"])
+    # 32k: at 8k the sink and diagonal blocks alone are ~6% of the causal blocks, so 5% cannot be hit
+    cfg = load_plain_config(["patterns.lengths=[32768]", "patterns.repeats=2"])
     rows = run_patterns(cfg, torch.device("cuda"))
     names = [(r["pattern"], round(r["density"], 2)) for r in rows]
     assert [n for n, _ in names] == ["streaming", "triangle", "xattn", "xattn", "xattn"]

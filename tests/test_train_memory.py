@@ -62,7 +62,8 @@ def full_logit_losses(fm, router, batch, seed):
     """The computation answer_losses replaces: full [B, T, V] logits of student and teacher."""
     with torch.no_grad():
         teacher = fm(batch["input_ids"], batch["attention_mask"], plan="dense").logits
-    out = fm(batch["input_ids"], batch["attention_mask"], plan=router.as_plan(generator=torch.Generator().manual_seed(seed)),
+    gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)  # Gumbel noise on the logits' device
+    out = fm(batch["input_ids"], batch["attention_mask"], plan=router.as_plan(generator=gen),
              segments=batch["segments"])
     out.teacher = teacher
     return answer_lm_loss(out.logits, batch["labels"]), answer_kl(out.logits, teacher, batch["labels"], 2.0), out
@@ -78,7 +79,8 @@ def answer_row_losses(fm, router, batch, seed, chunk_rows, teacher_full=None):
         teacher = teacher_full[:, -window:] if teacher_full is not None else \
             fm(batch["input_ids"], batch["attention_mask"], plan="dense", logits_to_keep=window).logits
     teacher = teacher[rows[:, -window:]]
-    out = fm(batch["input_ids"], batch["attention_mask"], plan=router.as_plan(generator=torch.Generator().manual_seed(seed)),
+    gen = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)  # Gumbel noise on the logits' device
+    out = fm(batch["input_ids"], batch["attention_mask"], plan=router.as_plan(generator=gen),
              segments=batch["segments"], hidden_at=rows)
     lm, kl = answer_losses(out.hidden, fm.lm_head, labels[:, 1:][rows[:, :-1]], teacher, 2.0, chunk_rows)
     return lm, kl, out
