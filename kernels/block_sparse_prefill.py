@@ -19,33 +19,9 @@ import torch
 import triton
 import triton.language as tl
 from flux_kernels._checks import check_per_sample, check_qkv
-from flux_kernels.online_softmax import online_softmax_step
+from flux_kernels.online_softmax import attend_causal_range
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, rows, pad, qk_scale, offs_d,
-                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update with keys [lo, hi); unmasked calls need keys visible to every row."""
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + offs_n
-        if MASKED:
-            in_range = keys < hi
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=in_range[:, None],
-                        other=0.0)
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=in_range[:, None],
-                        other=0.0)
-        else:
-            k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_kt + offs_d[None, :])
-            v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_vt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            visible = in_range[None, :] & (keys[None, :] >= pad) & (keys[None, :] <= rows[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -92,11 +68,11 @@ def _block_sparse_kernel(
         lo = kb * BLOCK_SIZE
         hi = tl.minimum(lo + BLOCK_SIZE, row_end)
         if (kb >= q_block) | (lo < pad) | (lo + BLOCK_SIZE > seq_len):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, rows, pad,
-                                          qk_scale, offs_d, True, BLOCK_N, PRECISION)
+            acc, l_i, m_i = attend_causal_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, rows,
+                                                pad, qk_scale, offs_d, True, BLOCK_N, PRECISION)
         else:
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, rows, pad,
-                                          qk_scale, offs_d, False, BLOCK_N, PRECISION)
+            acc, l_i, m_i = attend_causal_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, rows,
+                                                pad, qk_scale, offs_d, False, BLOCK_N, PRECISION)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(o_base + rows[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),

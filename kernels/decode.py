@@ -3,7 +3,7 @@
 Why: at decode time attention is a pass over the cache, bound by memory bandwidth. One program per
 (split, batch, kv head) reads each K/V tile once for all H/Hkv query heads of that kv head (GQA packing), and the
 sequence is split into chunks so that even batch 1 with 4 kv heads puts hundreds of programs on the GPU
-(flash-decoding). A second small kernel merges the per-chunk partial softmaxes.
+(flash-decoding). ``split_merge`` merges the per-chunk partial softmaxes.
 
 The number of splits depends only on the cache capacity T, never on how much of it is filled, so a decode step
 with this kernel can be captured once in a CUDA graph and replayed while ``kv_end`` grows on the device.
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from flux_kernels._checks import check_pattern, check_per_sample, check_qkv
+from flux_kernels.split_merge import merge_split_partials, split_partials
 
 LOG2E = 1.4426950408889634
 
@@ -141,38 +142,6 @@ def _decode_split_kernel(
     tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
-@triton.jit
-def _decode_reduce_kernel(ACC, M, L, O, stride_ob, stride_oh, heads, num_splits,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the num_splits partial softmaxes of one (batch, head) row for a BLOCK_D slice of head_dim (the slices
-    run as separate programs so the merge is not latency-bound on a few SMs); rows with no key give zeros."""
-    pid = tl.program_id(0)
-    d0 = tl.program_id(1) * BLOCK_D
-    b = pid // heads
-    h = pid % heads
-    base = pid.to(tl.int64) * num_splits
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    m_max = tl.full([BLOCK_S], -1.0e30, dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = (s0 + offs_s) < num_splits
-        m_max = tl.maximum(m_max, tl.load(M + base + s0 + offs_s, mask=ok, other=-1.0e30))
-    m_all = tl.max(m_max, 0)
-    total = tl.zeros([BLOCK_D], dtype=tl.float32)
-    denom = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        ok = (s0 + offs_s) < num_splits
-        m = tl.load(M + base + s0 + offs_s, mask=ok, other=-1.0e30)
-        lsum = tl.load(L + base + s0 + offs_s, mask=ok, other=0.0)
-        w = tl.exp2(m - m_all)
-        denom += w * lsum
-        part = tl.load(ACC + (base + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-        total += tl.sum(part * w[:, None], 0)
-    d = tl.sum(denom, 0)
-    out = total / tl.where(d > 0.0, d, 1.0)
-    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
-
-
 @dataclass(frozen=True)
 class DecodePlan:
     """Static launch shape for one cache capacity; fixed so that a CUDA graph can replay it."""
@@ -280,22 +249,14 @@ def decode_attention(
 
 def _partials(q: torch.Tensor, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-split buffers (unnormalised output, running max, running sum) of every (batch, head) row."""
-    rows = q.shape[0] * q.shape[1] * plan.num_splits
-    part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
-    return torch.empty(rows, q.shape[-1], dtype=torch.float32, device=q.device), part_m, torch.empty_like(part_m)
+    return split_partials(q.shape[0] * q.shape[1], plan.num_splits, q.shape[-1], q.device)
 
 
 def _merge(part_acc: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, q: torch.Tensor,
            plan: DecodePlan) -> torch.Tensor:
     """The reduce launch: one output row per (batch, head) from its splits' partial softmaxes."""
-    batch, heads, _, head_dim = q.shape
-    out = torch.empty(batch, heads, 1, head_dim, dtype=q.dtype, device=q.device)
-    block_d = min(head_dim, 32)
-    _decode_reduce_kernel[(batch * heads, head_dim // block_d)](
-        part_acc, part_m, part_l, out, out.stride(0), out.stride(1), heads, plan.num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(plan.num_splits)),
-        num_warps=4 if q.device.type == "cuda" else 1,
-    )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    merge_split_partials(part_acc, part_m, part_l, out, plan.num_splits)
     return out
 
 
