@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ("flux_kernels.online_softmax", "flux_kernels.split_merge", "flux_kernels.streaming_prefill",
-                  "flux_kernels.decode", "flux_kernels.fused_ops", "flux_kernels.router_pool",
-                  "flux_kernels.xattn_scores", "flux_kernels.block_sparse_prefill")
+KERNEL_MODULES = ("flux_kernels.online_softmax", "flux_kernels.split_merge", "flux_kernels.split_k_prefill",
+                  "flux_kernels.streaming_prefill", "flux_kernels.decode", "flux_kernels.fused_ops",
+                  "flux_kernels.router_pool", "flux_kernels.xattn_scores", "flux_kernels.block_sparse_prefill")
 DEPENDENT_MODULES = ("flux_kernels", "flux.attention.triton_backend")
 
 

@@ -3,10 +3,9 @@
 Why a kernel: a dense causal kernel with a mask still pays O(T^2); here each query block only visits the key blocks
 that hold its sinks and its window, so the cost is O(T * (sink + window)). Exactly the semantics of
 ``flux_kernels.reference.streaming_attention_reference``: causal, left padding per sample (``kv_pad``), GQA, queries
-are the last Tq of the Tk keys, rows without any visible key (padding rows) return zeros. ``dense_last`` makes the
-last rows attend every causal key (the triangle pattern): their blocks widen their window range to the whole
-causal prefix and mask per row, and blocks run last-first so those long blocks start while the rest of the grid
-is still queued instead of finishing alone at the end.
+are the last Tq of the Tk keys, rows without any visible key (padding rows) return zeros. ``dense_last`` (the
+triangle pattern: the last rows attend every causal key) is a second pass over those rows by
+``flux_kernels.split_k_prefill``, which spreads their long key range over the whole GPU.
 
 Each program owns BLOCK_M query rows of one (batch, head). Its keys come in three ranges, visited in order:
   1. sinks      [pad, sink_hi)            masked (causality, end of range)
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 from flux_kernels._checks import check_pattern, check_per_sample, check_qkv
 from flux_kernels.online_softmax import online_softmax_step
+from flux_kernels.split_k_prefill import split_k_attention
 
 LOG2E = 1.4426950408889634
 
@@ -43,15 +43,14 @@ def _attend_range(
     q_abs,
     pad,
     sink,
-    row_window,
+    window,
     qk_scale,
     offs_d,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi). Unmasked calls need whole, fully visible blocks.
-    ``row_window`` [BLOCK_M] is each row's window (larger than the sequence for dense rows)."""
+    """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi). Unmasked calls need whole, fully visible blocks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         keys = start + offs_n
@@ -66,7 +65,7 @@ def _attend_range(
         if MASKED:
             rel = q_abs[:, None] - keys[None, :]
             visible = in_range[None, :] & (keys[None, :] >= pad) & (rel >= 0)
-            visible = visible & (((keys[None, :] - pad) < sink) | (rel < row_window[:, None]))
+            visible = visible & (((keys[None, :] - pad) < sink) | (rel < window))
             qk = tl.where(visible, qk, float("-inf"))
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
@@ -96,7 +95,6 @@ def _streaming_prefill_kernel(
     kv_len,
     sink,
     window,
-    dense_from,
     qk_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -105,7 +103,8 @@ def _streaming_prefill_kernel(
     HAS_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # last query block first: with dense rows it is the longest program, so it must not start last
+    # last query block first: the first window / BLOCK_M query blocks see fewer keys than the rest, so they go last
+    # and fill the tail of the grid
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // heads
@@ -126,13 +125,11 @@ def _streaming_prefill_kernel(
     row_ok = offs_m < q_len
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_abs = offs_m + (kv_len - q_len)
-    row_window = tl.where(q_abs >= dense_from, kv_len + 1, window)
 
     # Key ranges of this query block (absolute key indices). Rows past q_len are never stored.
     row_lo = pid_m * BLOCK_M + (kv_len - q_len)
     row_hi = tl.minimum(row_lo + BLOCK_M, kv_len)
     win_lo = tl.maximum(row_lo - window + 1, pad)
-    win_lo = tl.where(row_hi > dense_from, pad, win_lo)  # a block with dense rows visits the whole causal prefix
     sink_hi = tl.minimum(pad + sink, win_lo)
     # Whole blocks starting at full_lo are visible to every row: causal for the first row, in-window for the last.
     full_lo = tl.maximum(win_lo, row_hi - window)
@@ -144,19 +141,19 @@ def _streaming_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, pad, sink_hi, q_abs, pad, sink, row_window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, pad, sink_hi, q_abs, pad, sink, window,
         qk_scale, offs_d, True, BLOCK_N, PRECISION,
     )
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, win_lo, full_lo, q_abs, pad, sink, row_window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, win_lo, full_lo, q_abs, pad, sink, window,
         qk_scale, offs_d, True, BLOCK_N, PRECISION,
     )
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_lo, full_hi, q_abs, pad, sink, row_window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_lo, full_hi, q_abs, pad, sink, window,
         qk_scale, offs_d, False, BLOCK_N, PRECISION,
     )
     acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_hi, row_hi, q_abs, pad, sink, row_window,
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_hi, row_hi, q_abs, pad, sink, window,
         qk_scale, offs_d, True, BLOCK_N, PRECISION,
     )
 
@@ -196,7 +193,8 @@ def streaming_attention_prefill(
     ``kv_pad`` [B] integer: left-padding count of each sample in the key sequence (None = no padding).
     ``window=None`` gives plain causal attention (all causal key blocks are visited, so it is O(T^2)).
     ``dense_last``: queries at the last ``dense_last`` key indices (the last real tokens of every left-padded
-    sample) attend every causal key, the rest sink + window (the triangle pattern).
+    sample) attend every causal key, the rest sink + window (the triangle pattern). Those rows are recomputed by
+    ``split_k_attention`` after the streaming launch (the block/warp/stage overrides apply to the streaming launch).
     Returns [B, H, Tq, D] in q's dtype. Its memory is laid out as [B, Tq, H, D], so ``out.transpose(1, 2)`` is
     contiguous and ``.reshape(B, Tq, H * D)`` for an output projection is free.
     Block/warp/stage overrides exist for tuning and for interpreter tests; defaults suit Hopper.
@@ -226,9 +224,12 @@ def streaming_attention_prefill(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        heads, q_len, kv_len, int(sink), eff_window, kv_len - min(dense_last, kv_len), scale * LOG2E,
+        heads, q_len, kv_len, int(sink), eff_window, scale * LOG2E,
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, HAS_PAD=pad is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages,
     )
+    band = min(dense_last, q_len)
+    if band:
+        split_k_attention(q[:, :, q_len - band:], k, v, kv_pad, scale, out=out[:, :, q_len - band:])
     return out

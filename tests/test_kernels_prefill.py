@@ -54,6 +54,8 @@ DENSE_LAST_CASES = [
     (2, 4, 1, 50, 50, 16, 0, 5, [3, 20], 40),    # dense rows span blocks; sample 1 has fewer real rows than that
     (2, 4, 2, 20, 45, 16, 2, 7, [0, 11], 9),     # queries are the last Tq of Tk keys
     (1, 2, 2, 33, 33, 16, 2, 4, None, 100),      # every row dense: plain causal
+    (2, 4, 2, 29, 29, 16, 1, 5, [0, 20], 17),    # sample 1 has 9 real tokens: its padding rows in the band are zeros
+    (2, 2, 1, 31, 31, 16, 2, 6, [4, 0], 1),      # only the last row dense
 ]
 
 

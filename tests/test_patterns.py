@@ -181,6 +181,18 @@ def test_triangle_dense_band_is_the_last_real_positions():
     assert bool(mask[1, 0, 8:, 8:].eq(torch.ones(4, 4, dtype=torch.bool, device=DEVICE).tril()).all())
 
 
+@pytest.mark.parametrize("last_q", [0, 1, 5, 17, 200])
+def test_triangle_triton_prefill_for_any_band(last_q):
+    """The two-pass Triton prefill (streaming, then the split-K band) for bands of one row, within one query tile,
+    across tiles, and longer than the prompt; sample 1 has 8 real tokens, fewer than a 17-row band."""
+    pattern = TrianglePattern(sink=2, window=6, last_q=last_q)
+    q, k, v = qkv(2, 4, 2, 45, 16, seed=last_q)
+    pad = pads_of([3, 37])
+    out = pattern.prefill(q, k, v, pad, 0.3, backend="triton")
+    torch.testing.assert_close(out, pattern.reference(q, k, v, pad, 0.3), atol=2e-5, rtol=2e-5)
+    assert not bool(out[0, :, :3].any()) and not bool(out[1, :, :37].any())  # padding rows are zeros
+
+
 def test_xattn_density_reports_the_selection():
     pattern = PATTERN_CASES["xattn"]
     q, k, _ = qkv(2, 4, 2, 96, 16, seed=5)

@@ -2,8 +2,11 @@
 
 Every query sees its sinks and its local window; the last `last_q` queries of the prompt (the last `last_q` real
 positions of each sample) attend every causal key, so the tokens that start generation still read the whole
-context. Decode keeps sink + window, like streaming: its queries are not prompt queries. Prefill is the streaming
-Triton kernel with its dense-last-rows option: one launch, within a few percent of streaming at long contexts.
+context. Decode keeps sink + window, like streaming: its queries are not prompt queries. Triton prefill is two
+passes: the streaming kernel over every row, then the band's rows again with split-K causal attention
+(`flux_kernels.split_k_prefill`: the band's keys cut into chunks over the whole GPU, partial softmaxes merged), which
+overwrites them. One launch with the band's rows as extra rows of the streaming kernel measured 24% (128k) and 36%
+(32k) slower than streaming for attention alone on an H200: those few rows' programs ran on alone after the rest.
 
 Defaults: sink 128 and window 2048 as flux's streaming default; last_q 64. The TriangleMix paper's exact values
 could not be read from here (MInference's tri-shape kernel, its predecessor, uses a last band of 100 queries).
