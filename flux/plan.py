@@ -38,6 +38,15 @@ class Plan:
     def decide(self, layer_idx: int, query: torch.Tensor, segments: dict[str, torch.Tensor] | None) -> LayerDecision:
         raise NotImplementedError
 
+    def query_positions(self, batch: int, length: int, segments: dict[str, torch.Tensor] | None,
+                        device: torch.device) -> torch.Tensor | None:
+        """Positions [B, K] of the post-rotary queries `decide` reads, or None when it reads all of them.
+
+        The inference engine computes only these queries before a layer is decided and then passes `decide` a
+        [B, H, K, D] query holding exactly them, so the full-length queries of a layer never have to exist at once
+        (they are computed chunk by chunk after the decision). The default, None, is right for any plan."""
+        return None
+
 
 class StaticPlan(Plan):
     """One fixed choice per layer for every sample (e.g. all dense, all sparse, or a hand-picked list)."""
@@ -46,6 +55,10 @@ class StaticPlan(Plan):
 
     def __init__(self, sa_layers: Sequence[bool]) -> None:
         self.sa_layers = [bool(x) for x in sa_layers]
+
+    def query_positions(self, batch: int, length: int, segments: dict[str, torch.Tensor] | None,
+                        device: torch.device) -> torch.Tensor | None:
+        return torch.zeros(batch, 0, dtype=torch.long, device=device)  # decided without reading a query
 
     def decide(self, layer_idx: int, query: torch.Tensor, segments: dict[str, torch.Tensor] | None) -> LayerDecision:
         value = self.sa_layers[layer_idx]
@@ -61,6 +74,10 @@ class SamplePlan(Plan):
     def __init__(self, sa: torch.Tensor) -> None:
         self.sa = sa
 
+    def query_positions(self, batch: int, length: int, segments: dict[str, torch.Tensor] | None,
+                        device: torch.device) -> torch.Tensor | None:
+        return torch.zeros(batch, 0, dtype=torch.long, device=device)  # decided without reading a query
+
     def decide(self, layer_idx: int, query: torch.Tensor, segments: dict[str, torch.Tensor] | None) -> LayerDecision:
         return LayerDecision(self.sa[:, layer_idx].to(query.device))
 
@@ -72,6 +89,10 @@ class GatePlan(Plan):
 
     def __init__(self, gates: torch.Tensor) -> None:
         self.gates = gates
+
+    def query_positions(self, batch: int, length: int, segments: dict[str, torch.Tensor] | None,
+                        device: torch.device) -> torch.Tensor | None:
+        return torch.zeros(batch, 0, dtype=torch.long, device=device)  # decided without reading a query
 
     def decide(self, layer_idx: int, query: torch.Tensor, segments: dict[str, torch.Tensor] | None) -> LayerDecision:
         z = self.gates[:, layer_idx].to(query.device)

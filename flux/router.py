@@ -301,6 +301,18 @@ class RouterPlan(Plan):
         self._global, self._spans = None, None
         self._noise = {}
 
+    def query_positions(self, batch: int, length: int, segments, device: torch.device) -> torch.Tensor | None:
+        """The pooling's span positions [B, S * pool] (None for `mean`, which reads every query). Later `decide`
+        calls of this forward get queries at exactly these positions, so the spans are re-pointed at them."""
+        cfg = self.router.config
+        if cfg.pooling == "mean":
+            return None
+        index, ok = pooling_spans(cfg.pooling, segments, self.valid, batch, length, min(cfg.pool_size, length),
+                                  device)
+        compact = torch.arange(index[0].numel(), device=device).view(1, *index.shape[1:]).expand_as(index)
+        self._spans = (compact, ok)
+        return index.reshape(batch, -1)
+
     def spans(self, query: torch.Tensor, segments) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooling indices for this forward, built at the first routed layer and reused by the others."""
         b, _, t, _ = query.shape

@@ -88,7 +88,8 @@ def test_generate_section_runs_end_to_end_on_cpu(tmp_path):
     routers = [r for r in rows if r["plan"] == "router" and r["batch"] == 1 and r["length"] == 96]
     assert [r["target"] for r in routers] == [0.25, 0.5, 0.75, 1.0]
     assert routers[-1]["sa_fraction"] == 1.0
-    assert all(abs(r["sa_fraction"] - r["target"]) <= 0.5 for r in routers)
+    # calibrated on the timed prompt itself: off by at most one of the 4 layers (later inputs move with the plan)
+    assert all(abs(r["sa_fraction"] - r["target"]) <= 0.25 for r in routers), routers
     replay = next(r for r in rows if r["plan"] == "replay")
     assert replay["sa_fraction"] == next(r for r in routers if r["target"] == 0.5)["sa_fraction"]
     assert "router_cost_fraction" in replay

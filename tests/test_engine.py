@@ -18,6 +18,7 @@ import torch
 from flux.attention.patterns import StreamingPattern
 from flux.backbone import load_backbone
 from flux.engine import EngineError
+from flux.engine import prefill as engine_prefill
 from flux.model import FluxModel
 from flux.router import LayerRouter
 
@@ -52,6 +53,14 @@ def _to_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return out_ids, out_mask
 
 
+@pytest.fixture(params=[None, 7], ids=["one_query_chunk", "query_chunks_of_7"])
+def query_chunks(request, monkeypatch):
+    """Prefill attends in query chunks (7 rows: several chunks, ends mid-sample) or, at these sizes, in one."""
+    if request.param:
+        monkeypatch.setattr(engine_prefill, "query_chunk_tokens", lambda parts, batch, dtype: request.param)
+    return request.param
+
+
 def _recompute(fm: FluxModel, ids, mask, plan, n: int) -> torch.Tensor:
     """Greedy decoding by re-running the whole sequence through the training path every step: no cache at all."""
     tokens = []
@@ -65,7 +74,7 @@ def _recompute(fm: FluxModel, ids, mask, plan, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dense_logits_and_greedy_tokens_equal_transformers(family):
+def test_dense_logits_and_greedy_tokens_equal_transformers(family, query_chunks):
     bb = _backbone(family)
     hf = copy.deepcopy(bb.model)
     hf.set_attn_implementation("sdpa")
@@ -84,7 +93,7 @@ def test_dense_logits_and_greedy_tokens_equal_transformers(family):
 
 @pytest.mark.parametrize("family", ("llama", "qwen3"))
 @pytest.mark.parametrize("plan_name", ("sparse", "alternate", "per_sample"))
-def test_routed_greedy_equals_no_cache_recompute(family, plan_name):
+def test_routed_greedy_equals_no_cache_recompute(family, plan_name, query_chunks):
     """Window 6 and 14 new tokens: every SA layer's ring wraps; per-sample plans put FA and SA rows in one layer."""
     bb = _backbone(family, layers=4)
     fm = FluxModel(bb, pattern=StreamingPattern(sink=2, window=6))
@@ -98,7 +107,7 @@ def test_routed_greedy_equals_no_cache_recompute(family, plan_name):
 
 
 @pytest.mark.parametrize("right", (False, True))
-def test_batch_equals_each_sample_alone(right):
+def test_batch_equals_each_sample_alone(right, query_chunks):
     bb = _backbone("qwen2", layers=4)
     fm = FluxModel(bb, pattern=StreamingPattern(sink=2, window=5))
     ids, mask = _batch(length=21, right=right)
@@ -140,9 +149,11 @@ def test_forward_keeps_only_requested_logits_in_the_callers_layout():
     assert (full[~mask.bool()] == 0).all()
 
 
-def test_router_decides_in_the_loop_like_the_training_path():
+@pytest.mark.parametrize("pooling", ("first_last", "question", "mean"))
+def test_router_decides_in_the_loop_like_the_training_path(pooling, query_chunks):
+    """Span pooling: the engine computes only the spans' queries before deciding; mean pooling reads them all."""
     bb = _backbone("qwen3", layers=4)
-    router = LayerRouter(4, bb.head_dim, init_fa_bias=0.0)
+    router = LayerRouter(4, bb.head_dim, init_fa_bias=0.0, pooling=pooling)
     torch.manual_seed(0)
     for p in router.parameters():
         torch.nn.init.normal_(p, std=2.0)
@@ -350,3 +361,38 @@ def test_full_kv_pattern_keeps_full_rows_and_ring_pattern_keeps_rings():
         res = fm.generate(ids, mask, plan="sparse", max_new_tokens=4, eos_token_id=[])
         token = res.kv_bytes_dense // (2 * 44)
         assert res.kv_bytes == (res.kv_bytes_dense if full else 2 * (2 + 5) * token)
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2", "qwen3"))
+def test_probed_queries_equal_the_full_layers_queries_at_their_positions(family):
+    """The router decides from queries computed at its spans alone: they must be the layer's queries there."""
+    from flux.engine.ops import TorchOps
+    from flux.engine.parts import model_parts
+
+    parts = model_parts(_backbone(family).model)
+    ops, blk = TorchOps(), parts.blocks[1]
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(2, 29, parts.hidden, generator=g)
+    cos, sin = parts.rotary(r[:1, :1], torch.arange(29)[None])
+    full = engine_prefill.new_queries(2, 29, parts, r.dtype, r.device)
+    engine_prefill.project_in_chunks(parts, ops, blk, r, cos, sin, 5, full, None, None)
+    index = torch.tensor([[0, 3, 28, 28, 11], [27, 1, 2, 16, 9]])
+    probed = engine_prefill.probe_queries(parts, ops, blk, r, cos, sin, index)
+    want = full.gather(2, index[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
+    torch.testing.assert_close(probed, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen3"))
+def test_triton_kernels_give_the_torch_paths_tokens_under_the_interpreter(family, query_chunks):
+    """The CUDA path's fused kernels (norms, rotary + cache store, SiLU-mul, split-KV decode, streaming prefill),
+    run on CPU by Triton's interpreter, against the transformers modules + SDPA, on a mixed per-sample plan."""
+    bb = _backbone(family, layers=3)
+    pattern = StreamingPattern(sink=2, window=6)
+    ids, mask = _batch(length=19)
+    plan = torch.tensor([[True, False, True], [False, False, True], [True, True, False]])
+    want = FluxModel(bb, pattern=pattern, kernels="torch").generate(ids, mask, plan=plan, max_new_tokens=6,
+                                                                    eos_token_id=[])
+    got = FluxModel(bb, pattern=pattern, kernels="triton").generate(ids, mask, plan=plan, max_new_tokens=6,
+                                                                    eos_token_id=[])
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.equal(got.decisions, want.decisions)

@@ -21,6 +21,6 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tenso
         mask = mask & k_valid[:, None, None, :]
     if rule is not None:
         if sa_rows is not None:
-            rule = rule | ~sa_rows[:, None, None, None]
+            rule = rule | ~sa_rows.to(rule.device)[:, None, None, None]  # decisions may live on the host
         mask = mask & rule
     return mask | ~mask.any(dim=-1, keepdim=True)

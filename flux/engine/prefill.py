@@ -5,15 +5,19 @@ Causal attention then never reaches a padding key from a real query, so every at
 rows without masks, and the KV each layer produces is already in the cache's slot order.
 
 Per layer:
-  1. norm + fused q/k/v projection + rotary, in token chunks: q into one reused buffer, K/V straight into a
-     [B, Hkv, capacity, D] tensor that becomes the layer's cache if every sample keeps its full KV.
-  2. the plan decides (the router reads the post-rotary queries, as in training); one host read of the [B] decision
-     picks the kernels.
-  3. attention, in place into the q buffer: FA rows with SDPA's fastest backend (one query head at a time on long
-     inputs, so the output never needs a second full-size buffer), SA rows with the pattern's Triton kernel in
-     query chunks.
-  4. output projection + MLP in token chunks, added into the residual stream in place (same rounding as the
-     transformers block: the residual add happens in the model dtype).
+  1. norm + K/V projection + rotary for every token, in token chunks, straight into a [B, Hkv, capacity, D] tensor
+     that becomes the layer's cache if every sample keeps its full KV;
+  2. the plan decides from the queries it reads (`Plan.query_positions`: the router's pooled spans, a few dozen
+     positions; none for fixed plans), computed alone; one host read of the [B] decision picks the kernels;
+  3. by query chunk: norm + q projection + rotary, attention of the chunk's queries over the keys before them (FA
+     rows with SDPA's fastest backend, SA rows with the pattern's Triton kernel), output projection and MLP, added
+     into the residual stream in place (same rounding as the transformers block: the add happens in the model
+     dtype). Chunk c's queries are computed from rows no earlier chunk has updated, so this equals the whole-layer
+     computation, and the layer's full-length queries never exist: only the residual stream and the KV are
+     prompt-sized.
+A plan that reads every query (the router's `mean` pooling) or a layer where a sample takes a pattern that reads
+the whole prompt at once (triangle's last queries, XAttention's block scores) computes the layer's queries in one
+buffer instead and attends in place over it.
 Only the logits the caller asks for are computed.
 """
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from flux.attention.patterns import SparsePattern
 from flux.engine.kv import KVCache
@@ -32,7 +37,10 @@ from flux.plan import Plan
 
 # Token budget of one chunk of the per-token work (projections, MLP): bounds the MLP's [chunk, 2 * intermediate]
 # intermediate to about this many bytes.
-CHUNK_BYTES = 128 * 2 ** 20
+CHUNK_BYTES = 64 * 2 ** 20
+# Query rows of one step of the chunked attention: bounds its query buffer (and the attention output and the output
+# projection's result, each the same size) to about this many bytes.
+QUERY_CHUNK_BYTES = 64 * 2 ** 20
 # From this many query tokens in a layer (batch x length), FA attention runs one query head at a time and writes
 # each head's output over its own queries, so a full-length output buffer never exists next to the queries.
 HEADWISE_FA_TOKENS = 65536
@@ -66,6 +74,12 @@ def chunk_tokens(parts: ModelParts, batch: int, dtype: torch.dtype) -> int:
     return max(64, CHUNK_BYTES // (per_token * batch))
 
 
+def query_chunk_tokens(parts: ModelParts, batch: int, dtype: torch.dtype) -> int:
+    """Query rows per sample in one step of the chunked attention (a multiple of 256, the kernels' tile)."""
+    per_token = parts.n_q * parts.head_dim * torch.empty((), dtype=dtype).element_size()
+    return max(256, QUERY_CHUNK_BYTES // (per_token * batch) // 256 * 256)
+
+
 def dense_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
     """Causal attention of q [B, H, T, D] over k/v [B, Hkv, T, D], written over q. Exact for packed batches."""
     b, h, t, _ = q.shape
@@ -78,6 +92,18 @@ def dense_attention_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         kv = head // group
         q[:, head:head + 1] = F.scaled_dot_product_attention(q[:, head:head + 1].contiguous(), k[:, kv:kv + 1],
                                                              v[:, kv:kv + 1], is_causal=True, scale=scale)
+
+
+def dense_rows_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    """Causal attention of q [B, H, Tq, D], the queries at the last Tq of the key positions of k/v [B, Hkv, Tk, D],
+    written over q. Lower-right causal alignment (query i sits at key position Tk - Tq + i), which SDPA runs on
+    flash-attention without materialising a mask."""
+    tq, tk = q.shape[2], k.shape[2]
+    if tq == tk:
+        dense_attention_inplace(q, k, v, scale)
+        return
+    q.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1]))
 
 
 def sparse_attention_inplace(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -122,11 +148,67 @@ def layer_attention(pattern: SparsePattern, ops: TorchOps, q: torch.Tensor, k: t
         q[idx] = qr
 
 
+def rows_attention(pattern: SparsePattern, ops: TorchOps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   sa: list[bool], scale: float) -> None:
+    """Attention of a query chunk q [B, H, Tq, D] (the last Tq of the key positions of k/v) with per-sample
+    decisions `sa`, written over q. The pattern must have `chunkable_queries`."""
+    if all(sa):
+        q.copy_(pattern.prefill_rows(q, k, v, scale, backend=ops.name))
+        return
+    if not any(sa):
+        dense_rows_inplace(q, k, v, scale)
+        return
+    for rows, run_sa in (([b for b, s in enumerate(sa) if s], True), ([b for b, s in enumerate(sa) if not s], False)):
+        idx = torch.tensor(rows, device=q.device)
+        qr, kr, vr = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)
+        if run_sa:
+            qr = pattern.prefill_rows(qr, kr, vr, scale, backend=ops.name)
+        else:
+            dense_rows_inplace(qr, kr, vr, scale)
+        q[idx] = qr
+
+
 def host_decisions(sa: torch.Tensor, uniform: bool | None) -> list[bool]:
     """The one host read of a layer's decision (none when the plan already knows every sample agrees)."""
     if uniform is not None:
         return [bool(uniform)] * sa.shape[0]
     return [bool(x) for x in sa.tolist()]
+
+
+def new_queries(b: int, t: int, parts: ModelParts, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised query tensor [B, H, T, D] laid out as [B, T, H, D], so `.transpose(1, 2).reshape(B, T,
+    H * D)` (the output projection's input, once attention wrote over it) is free."""
+    return torch.empty(b, t, parts.n_q, parts.head_dim, dtype=dtype, device=device).transpose(1, 2)
+
+
+def project_in_chunks(parts: ModelParts, ops: TorchOps, blk, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      chunk: int, q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+    """norm + projection + rotary of every token of the layer input r, chunk by chunk, into q and/or k/v."""
+    b, t = r.shape[:2]
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        hn = ops.norm(blk.in_norm, r[:, s:e])
+        ops.project_rope(parts, blk, hn, cos[:, s:e].expand(b, -1, -1), sin[:, s:e].expand(b, -1, -1),
+                         None if q is None else q[:, :, s:e], None if k is None else k[:, :, s:e],
+                         None if v is None else v[:, :, s:e])
+
+
+def probe_queries(parts: ModelParts, ops: TorchOps, blk, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  index: torch.Tensor) -> torch.Tensor:
+    """The layer's post-rotary queries at positions `index` [B, K] only: [B, H, K, D]."""
+    b, k = index.shape
+    q = new_queries(b, k, parts, r.dtype, r.device)
+    if k:
+        rows = r.gather(1, index[:, :, None].expand(-1, -1, r.shape[-1]))
+        ops.project_rope(parts, blk, ops.norm(blk.in_norm, rows), cos[0][index], sin[0][index], q, None, None)
+    return q
+
+
+def add_mlp(ops: TorchOps, blk, r: torch.Tensor, start: int, end: int, chunk: int) -> None:
+    """r[:, start:end] += MLP(post_norm(r[:, start:end])), in chunks."""
+    for s in range(start, end, chunk):
+        e = min(end, s + chunk)
+        r[:, s:e] += ops.mlp(blk, ops.norm(blk.post_norm, r[:, s:e]))
 
 
 @torch.no_grad()
@@ -145,11 +227,11 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
     pos = torch.arange(t, device=device)[None, :]
     cos, sin = parts.rotary(x[:1, :1], pos)
     chunk = chunk_tokens(parts, b, dtype)
-    q_buf = torch.empty(b, t, h, d, dtype=dtype, device=device)
-    q = q_buf.transpose(1, 2)
+    q_step = query_chunk_tokens(parts, b, dtype)
     keep_policy = pattern.kv_policy() is not None
     if hasattr(plan, "begin_forward"):
         plan.begin_forward(packed.valid)
+    probe = plan.query_positions(b, t, packed.segments, device)
     decisions = torch.zeros(b, parts.num_layers, dtype=torch.bool, device=device)
     r = x  # the residual stream, updated in place
     for layer, blk in enumerate(parts.blocks):
@@ -159,27 +241,45 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
         # multiplies masked slots by zero weights, so they must hold finite values
         k_full[:, :, t:].zero_()
         v_full[:, :, t:].zero_()
-        for s in range(0, t, chunk):
-            e = min(t, s + chunk)
-            hn = ops.norm(blk.in_norm, r[:, s:e])
-            ops.project_rope(parts, blk, hn, cos[:, s:e].expand(b, -1, -1), sin[:, s:e].expand(b, -1, -1),
-                             q[:, :, s:e], k_full[:, :, s:e], v_full[:, :, s:e])
-        decision = plan.decide(layer, q, packed.segments)
+        q = None
+        if probe is None:  # the plan reads every query: the layer's queries are computed in one buffer
+            q = new_queries(b, t, parts, dtype, device)
+            project_in_chunks(parts, ops, blk, r, cos, sin, chunk, q, k_full, v_full)
+            decision = plan.decide(layer, q, packed.segments)
+        else:
+            project_in_chunks(parts, ops, blk, r, cos, sin, chunk, None, k_full, v_full)
+            decision = plan.decide(layer, probe_queries(parts, ops, blk, r, cos, sin, probe), packed.segments)
         if decision.gate is not None:
             raise EngineError("this plan mixes FA and SA outputs with soft gates, which only the training forward "
                               "computes; give hard decisions (a bool tensor, a list, 'dense'/'sparse', or a router "
                               "in eval mode)")
         sa = host_decisions(decision.sa, decision.uniform)
         decisions[:, layer] = decision.sa.to(device)
-        layer_attention(pattern, ops, q, k_full[:, :, :t], v_full[:, :, :t], sa, packed.lengths_host, parts.scale)
+        keys, values = k_full[:, :, :t], v_full[:, :, :t]
+        if q is None and any(sa) and not pattern.chunkable_queries:  # the pattern reads the whole prompt at once
+            q = new_queries(b, t, parts, dtype, device)
+            project_in_chunks(parts, ops, blk, r, cos, sin, chunk, q, None, None)
+        if q is not None:
+            layer_attention(pattern, ops, q, keys, values, sa, packed.lengths_host, parts.scale)
+            q_rows = q.transpose(1, 2)
+            for s in range(0, t, chunk):
+                e = min(t, s + chunk)
+                r[:, s:e] += blk.o_proj(q_rows[:, s:e].reshape(b, e - s, h * d))
+            del q, q_rows
+            add_mlp(ops, blk, r, 0, t, chunk)
+        else:
+            for s in range(0, t, q_step):
+                e = min(t, s + q_step)
+                qc = new_queries(b, e - s, parts, dtype, device)
+                project_in_chunks(parts, ops, blk, r[:, s:e], cos[:, s:e], sin[:, s:e], chunk, qc, None, None)
+                rows_attention(pattern, ops, qc, keys[:, :, :e], values[:, :, :e], sa, parts.scale)
+                r[:, s:e] += blk.o_proj(qc.transpose(1, 2).reshape(b, e - s, h * d))
+                del qc
+                add_mlp(ops, blk, r, s, e, chunk)
+        del keys, values
         if cache is not None:
             cache.add_layer((k_full, v_full), [not s or not keep_policy for s in sa], packed.lengths)
         del k_full, v_full
-        for s in range(0, t, chunk):
-            e = min(t, s + chunk)
-            r[:, s:e] += blk.o_proj(q_buf[:, s:e].reshape(b, e - s, h * d))
-            r[:, s:e] += ops.mlp(blk, ops.norm(blk.post_norm, r[:, s:e]))
-    del q_buf, q
     return final_logits(parts, ops, r, logit_index), decisions
 
 
