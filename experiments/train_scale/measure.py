@@ -180,6 +180,9 @@ def measure(row: Row, python: str, runs: Path, dry_run: bool, timeout: float) ->
         record["tokens"] = int(timed[-1]["perf/tokens"])
         peaks = [s["perf/peak_gib"] for s in steps if "perf/peak_gib" in s]
         record["peak_gib"] = round(max(peaks), 1) if peaks else None
+        for key in ("forward_peak_gib", "held_for_backward_gib"):  # where the step's memory goes (flux/throughput.py)
+            values = [s[f"perf/{key}"] for s in timed if f"perf/{key}" in s]
+            record[key] = round(max(values), 1) if values else None
         record["first_step_s"] = round(steps[0]["perf/step_s"], 1)
     if returncode == 0 and timed:
         record["ok"] = True

@@ -102,8 +102,26 @@ def dense_rows_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if tq == tk:
         dense_attention_inplace(q, k, v, scale)
         return
-    q.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1]))
+    bias, gqa = causal_lower_right(tq, tk), q.shape[1] != k.shape[1]
+    if not gqa or grouped_lower_right_runs_fused(q, k, v):
+        q.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa))
+        return
+    group = q.shape[1] // k.shape[1]  # one query head at a time over its own KV head: no GQA support needed
+    for head in range(q.shape[1]):
+        kv = head // group
+        q[:, head:head + 1] = F.scaled_dot_product_attention(q[:, head:head + 1], k[:, kv:kv + 1], v[:, kv:kv + 1],
+                                                             attn_mask=bias, scale=scale)
+
+
+def grouped_lower_right_runs_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether SDPA runs lower-right causal GQA on flash-attention here (CUDA, half precision). Elsewhere its
+    fallback materialises the [Tq, Tk] mask: fine on CPU, where prompts are short; on a GPU the head-by-head path
+    is used instead."""
+    if q.device.type != "cuda":
+        return True
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, True))
 
 
 def sparse_attention_inplace(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
