@@ -288,8 +288,8 @@ def test_several_continuations_share_one_prefill():
 @pytest.mark.parametrize("chunk", (None, 512), ids=("one_query_chunk", "query_chunks_of_512"))
 def test_cuda_engine_matches_transformers_in_bf16(chunk, monkeypatch):
     """On the GPU (Triton kernels, bf16, prompts long enough for many kernel blocks and the head-by-head dense path;
-    with query chunks: flash-attention's lower-right causal GQA): dense logits against transformers' SDPA forward,
-    routed logits against the training path's masked attention."""
+    with query chunks for all-SA layers): dense logits against transformers' SDPA forward, routed logits against the
+    training path's masked attention."""
     from flux import engine as engine_module
 
     if chunk:
@@ -401,15 +401,3 @@ def test_triton_kernels_give_the_torch_paths_tokens_under_the_interpreter(family
                                                                     eos_token_id=[])
     assert torch.equal(got.sequences, want.sequences)
     assert torch.equal(got.decisions, want.decisions)
-
-
-def test_chunked_dense_rows_without_fused_gqa_run_head_by_head(monkeypatch, query_chunks):
-    """Where SDPA cannot run lower-right causal GQA fused, FA query chunks go one head at a time: same logits."""
-    bb = _backbone("qwen2")
-    fm = FluxModel(bb)
-    ids, mask = _batch()
-    with torch.no_grad():
-        want = fm(ids, mask).logits
-        monkeypatch.setattr(engine_prefill, "grouped_lower_right_runs_fused", lambda q, k, v: False)
-        got = fm(ids, mask).logits
-    assert (got - want)[mask.bool()].abs().max() < 1e-5
