@@ -2,10 +2,16 @@
 # flux.evaluate throughput on the GPU (SmolLM2, RULER-style 4k, the shipped router): the code before the engine
 # (commit 57ba4dc: transformers' forward + RoutedCache + a Python decode loop) against the code now (the engine).
 #   bash experiments/speed/evaluate_throughput.sh SMOLLM2_GGUF OUT_DIR
+# SMOLLM2_GGUF must keep the file name SmolLM2-135M-Instruct.Q4_1.gguf: the backbone's name, which the router's
+# card is checked against, comes from it (a copy named otherwise is another backbone to flux).
 # Run from the repo root on the GPU machine after device_run.sh's setup (flux_kernels / flux.conf links, wheels in
 # /tmp/site). The old code is `git archive 57ba4dc flux kernels conf` unpacked into .before/ (carried with the call).
 set -uo pipefail
 gguf=$1; out=$2
+if [ "$(basename "$gguf")" != SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  echo "error: $gguf: name the file SmolLM2-135M-Instruct.Q4_1.gguf (the shipped router is checked against that backbone name)" >&2
+  exit 2
+fi
 mkdir -p "$out" /tmp/before_pkgs /tmp/before_cwd
 ln -sfn "$PWD/.before/flux" /tmp/before_pkgs/flux
 ln -sfn "$PWD/.before/kernels" /tmp/before_pkgs/flux_kernels

@@ -46,7 +46,7 @@ class Decoder:
             n_full, n_ring = layer.full_rows.numel(), layer.ring_rows.numel()
             self.plans.append((
                 ops.decode_plan(b if n_ring else n_full, parts.n_kv, cache.capacity, dev, dtype) if n_full else None,
-                ops.decode_plan(n_ring, parts.n_kv, cache.ring_size, dev, dtype) if n_ring else None))
+                ops.decode_plan(n_ring, parts.n_kv, cache.ring_size, dev, dtype, ring=True) if n_ring else None))
             row_ring = torch.zeros(b, dtype=torch.int32, device=dev)
             row_local = torch.zeros(b, dtype=torch.int32, device=dev)
             row_ring[layer.ring_rows] = 1

@@ -100,7 +100,8 @@ class TorchOps:
         mask = torch.arange(k.shape[2], device=q.device)[None, :] < end[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
 
-    def decode_plan(self, batch: int, n_kv: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def decode_plan(self, batch: int, n_kv: int, capacity: int, device: torch.device, dtype: torch.dtype,
+                    ring: bool = False):
         return None
 
 
@@ -149,7 +150,12 @@ class TritonOps(TorchOps):
                          plan=None, ring: tuple | None = None) -> torch.Tensor:
         return self._decode.decode_attention(q, k, v, None, end, scale=scale, plan=plan, ring=ring)
 
-    def decode_plan(self, batch: int, n_kv: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def decode_plan(self, batch: int, n_kv: int, capacity: int, device: torch.device, dtype: torch.dtype,
+                    ring: bool = False):
+        # a sink + window ring keeps the 4-block minimum split it was measured with (H200, v2: every layer SA at
+        # 1.32-1.33x the bandwidth limit; v3 with 8 blocks: 1.37x); full caches take the default 8
+        if ring:
+            return self._decode.plan_decode(batch, n_kv, capacity, device, dtype, min_blocks=4)
         return self._decode.plan_decode(batch, n_kv, capacity, device, dtype)
 
 
