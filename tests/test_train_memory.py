@@ -425,7 +425,7 @@ def test_checkpointed_step_holds_one_input_per_layer_per_token():
     assert per_extra_layer <= 1.05 * layer_input, f"{per_extra_layer:.0f} B per token per extra layer"
     # the whole step stays within flux.memory's accounting of a checkpointed step (margin aside)
     estimate = estimate_training_memory(shape, tokens, 1, True, 8, True)
-    assert peak_6 <= estimate.activations + estimate.logits
+    assert 0.8 < peak_6 / (estimate.activations + estimate.logits) <= 1.0
 
 
 # -- memory estimate ---------------------------------------------------------------------------------------------
