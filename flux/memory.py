@@ -15,8 +15,11 @@ dtype, d hidden, H / Hkv query / KV heads of size Dh, I the MLP width):
 With activation checkpointing each layer keeps only its input (e d per token) and the backward re-runs one layer at a
 time, so one layer's activations plus the backward's own buffers exist at once. The answer loss adds the logits of
 the answer rows only (flux.objectives.answer_losses), and the teacher's logits at the same rows. The estimate was
-checked against the bytes autograd actually saves (tests/test_train_memory.py) and against the peak measured on
-an H200 (experiments/train_scale).
+checked against the bytes autograd actually saves and, with checkpointing, against the peak of a whole step
+(forward, recomputation and backward) measured on CPU by flux.memory_probe (tests/test_train_memory.py; within 6% on
+a cut Qwen3 preset, experiments/train_scale/README.md). The H200 peaks in experiments/train_scale were taken before
+recomputed layers stopped keeping their activations until the end of the backward (35 GiB at 32k on Qwen3-8B that
+no estimate should count); they have to be measured again.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from flux.attention.patterns import StreamingPattern
 from flux.backbone import BackboneError, enable_activation_checkpointing, load_backbone
 from flux.errors import FluxUserError
 from flux.memory import GIB, MemoryFitError, Shape, check_training_fits, check_training_memory, estimate_training_memory
+from flux.memory_probe import LiveTensors, SavedForBackward
 from flux.model import FluxModel, real_positions
 from flux.objectives import answer_kl, answer_lm_loss, answer_losses, answer_rows, answer_window
 from flux.router import LayerRouter, RouterConfig
@@ -333,6 +334,98 @@ def test_checkpointing_on_a_backbone_that_cannot_is_refused_before_training(tmp_
     bb.model.supports_gradient_checkpointing = False
     with pytest.raises(BackboneError, match="tiny_random-llama"):
         enable_activation_checkpointing(bb)
+
+
+# -- what a checkpointed step holds --------------------------------------------------------------------------------
+
+# the Qwen3-8B preset's layout (GQA 2:1, q/k norms) at a CPU size
+CUT_QWEN3 = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+             "intermediate_size": 384, "vocab_size": 512, "max_position_embeddings": 2048}
+
+
+def cut_qwen3(layers: int, checkpointing: bool) -> FluxModel:
+    bb = load_backbone("random:qwen3_8b", dtype="bfloat16", overrides={**CUT_QWEN3, "num_hidden_layers": layers})
+    if checkpointing:
+        enable_activation_checkpointing(bb)
+    return FluxModel(bb, pattern=StreamingPattern(sink=4, window=32))
+
+
+def routed_step(fm: FluxModel, router: LayerRouter, batch: dict, seed: int = 3):
+    """What FluxLitModule.training_step computes before its backward: the all-FA teacher's answer window, the routed
+    forward returning answer-row hidden states, the answer losses and the sparsity of the straight-through gates.
+    Returns (loss, plan, out)."""
+    labels = batch["labels"]
+    rows = answer_rows(labels)
+    window = answer_window(rows)
+    with torch.no_grad():
+        teacher = fm(batch["input_ids"], batch["attention_mask"], plan="dense", logits_to_keep=window).logits
+    gen = torch.Generator().manual_seed(seed)
+    plan = router.as_plan(generator=gen)
+    out = fm(batch["input_ids"], batch["attention_mask"], plan=plan, segments=batch["segments"], hidden_at=rows)
+    lm, kl = answer_losses(out.hidden, fm.lm_head, labels[:, 1:][rows[:, :-1]], teacher[rows[:, -window:]], 2.0)
+    sparsity = sum(1 - z for z in plan.gates.values()).mean()
+    return 0.5 * lm + kl + 0.1 * sparsity, plan, out
+
+
+@pytest.mark.parametrize("kind", ["per_layer", "global"])
+def test_checkpointed_step_equals_the_plain_one_and_records_the_forward_only(kind):
+    """Recomputation routes as the forward did and records nothing: the plan keeps the forward's own logits and gates
+    (recorded recomputed ones would pin every layer's recomputed activations until the backward ends)."""
+    batch = left_padded_batch(512, [96, 80], [6, 9])
+    results = {}
+    for ckpt in (False, True):
+        fm = cut_qwen3(3, ckpt)
+        torch.manual_seed(4)
+        router = LayerRouter(3, 32, RouterConfig(init_fa_bias=0.0, kind=kind, read_layer=0)).train()
+        loss, plan, out = routed_step(fm, router, batch)
+        recorded = {name: dict(getattr(plan, name)) for name in ("logits", "soft", "gates")}
+        grads = router_grads(router, loss)
+        for name, before in recorded.items():
+            assert all(getattr(plan, name)[i] is t for i, t in before.items()), name
+        results[ckpt] = (loss.detach(), grads, out.decisions)
+    (loss_a, grads_a, dec_a), (loss_b, grads_b, dec_b) = results[False], results[True]
+    assert torch.equal(dec_a, dec_b)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().sum()) > 0 for g in grads_b)
+
+
+def checkpointed_step_bytes(layers: int, length: int = 256) -> tuple[int, int, Shape]:
+    """(bytes saved for the backward outside checkpoints, peak bytes alive over forward and backward less the router's
+    gradients) of one checkpointed step of the cut Qwen3 preset on one `length`-token sample."""
+    fm = cut_qwen3(layers, checkpointing=True)
+    torch.manual_seed(4)
+    router = LayerRouter(layers, 32, RouterConfig(init_fa_bias=0.0)).train()
+    batch = left_padded_batch(512, [length], [8])
+    fm.engine.parts  # the teacher's engine fuses q/k/v and gate/up weights at its first call: weights, not activations
+    weights = [*fm.parameters(), *router.parameters(), *fm.buffers()]
+    with LiveTensors(existing=[*weights, *(v for v in batch.values() if isinstance(v, torch.Tensor))]) as live:
+        with SavedForBackward(ignore=weights) as saved:
+            loss, _, _ = routed_step(fm, router, batch)
+        router_grads(router, loss)
+    gradients = sum(p.numel() * p.element_size() for p in router.parameters())  # alive at the peak, not per token
+    return saved.total, live.peak - gradients, Shape.of(fm.model.config, torch.bfloat16)
+
+
+def test_checkpointed_step_holds_one_input_per_layer_per_token():
+    """The bytes of a checkpointed step per layer and token, measured by flux.memory_probe's hooks: what the forward
+    saves outside checkpoints is each layer's input (e x hidden per token) plus what lies outside the layers, and
+    each extra layer raises the step's peak by its input alone. Before recomputed routing decisions stopped being
+    recorded, every layer's recomputed normed input and queries (fp32) stayed alive through the backward: 8 x hidden
+    more bytes per layer and token (~30 GiB at 32k tokens on Qwen3-8B)."""
+    tokens = 256
+    saved_2, peak_2, shape = checkpointed_step_bytes(2, tokens)
+    saved_6, peak_6, _ = checkpointed_step_bytes(6, tokens)
+    layer_input = shape.dtype_bytes * shape.hidden
+    # (a layer input that needs no gradient may not pass through the hooks: an upper bound, not an equality)
+    assert saved_6 / tokens <= 6 * layer_input + shape.outside_layers_per_token()
+    assert saved_2 / tokens <= 2 * layer_input + shape.outside_layers_per_token()
+    per_extra_layer = (peak_6 - peak_2) / (4 * tokens)
+    assert per_extra_layer <= 1.05 * layer_input, f"{per_extra_layer:.0f} B per token per extra layer"
+    # the whole step stays within flux.memory's accounting of a checkpointed step (margin aside)
+    estimate = estimate_training_memory(shape, tokens, 1, True, 8, True)
+    assert 0.8 < peak_6 / (estimate.activations + estimate.logits) <= 1.0
 
 
 # -- memory estimate ---------------------------------------------------------------------------------------------

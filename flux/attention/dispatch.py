@@ -152,9 +152,12 @@ def flux_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     layer = module.layer_idx
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     decision = state.plan.decide(layer, query, state.segments)
-    state.decisions[layer] = decision.sa
-    if decision.gate is not None:
-        state.gates[layer] = decision.gate
+    # a second call for a layer is gradient checkpointing re-running it in the backward: keeping its gate would keep
+    # the recomputation's graph, and the activations it saved, alive until the backward ends (RouterPlan.decide)
+    if layer not in state.decisions:
+        state.decisions[layer] = decision.sa
+        if decision.gate is not None:
+            state.gates[layer] = decision.gate
     out = run_branches(query, key, value, decision, state, scaling)
     return out.transpose(1, 2).contiguous(), None
 
