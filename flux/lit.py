@@ -18,7 +18,6 @@ from torchmetrics import MeanMetric
 
 from flux.atomic import atomic_open, remove_stale_temps
 from flux.backbone import enable_activation_checkpointing
-from flux.errors import FluxUserError
 from flux.model import FluxModel
 from flux.objectives import (
     SparsityConstraint,
