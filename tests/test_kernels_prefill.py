@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_inputs import DEVICE, random_qkv
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from flux_kernels.interpret import use_interpreter_without_cuda
-
-use_interpreter_without_cuda()
+_qkv = random_qkv  # kernel_inputs first: it switches the Triton interpreter on without CUDA
 
 from flux_kernels.reference import streaming_attention_reference
 from flux_kernels.streaming_prefill import streaming_attention_prefill
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _qkv(batch, heads, kv_heads, q_len, kv_len, dim, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, q_len, dim, generator=g).to(DEVICE, dtype)
-    k = torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(DEVICE, dtype)
-    v = torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(DEVICE, dtype)
-    return q, k, v
-
 
 CASES = [
     # batch, H, Hkv, Tq, Tk, D, sink, window, pads

@@ -3,30 +3,14 @@ interpreter on CPU, compiled on GPU), its launch shape, and the merge it shares 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_inputs import DEVICE, random_qkv
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from flux_kernels.interpret import use_interpreter_without_cuda
-
-use_interpreter_without_cuda()
+_qkv = random_qkv  # kernel_inputs first: it switches the Triton interpreter on without CUDA
 
 from flux_kernels.reference import streaming_attention_reference
 from flux_kernels.split_k_prefill import split_k_attention, split_k_chunk
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _qkv(batch, heads, kv_heads, q_len, kv_len, dim, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, q_len, dim, generator=g).to(DEVICE, dtype)
-    k = torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(DEVICE, dtype)
-    v = torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(DEVICE, dtype)
-    return q, k, v
 
 
 def _pad(pads):
