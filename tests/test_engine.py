@@ -55,9 +55,11 @@ def _to_left(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
 
 @pytest.fixture(params=[None, 7], ids=["one_query_chunk", "query_chunks_of_7"])
 def query_chunks(request, monkeypatch):
-    """Prefill attends in query chunks (7 rows: several chunks, ends mid-sample) or, at these sizes, in one."""
+    """Prefill attends in query chunks (7 rows: several chunks, ends mid-sample) and projects in steps of 5 tokens
+    (several per query chunk, not aligned with them) or, at these sizes, does each in one."""
     if request.param:
         monkeypatch.setattr(engine_prefill, "query_chunk_tokens", lambda parts, batch, dtype: request.param)
+        monkeypatch.setattr(engine_prefill, "project_chunk_tokens", lambda parts, batch, dtype: 5)
     return request.param
 
 
@@ -294,6 +296,7 @@ def test_cuda_engine_matches_transformers_in_bf16(chunk, monkeypatch):
 
     if chunk:
         monkeypatch.setattr(engine_prefill, "query_chunk_tokens", lambda parts, batch, dtype: chunk)
+        monkeypatch.setattr(engine_prefill, "project_chunk_tokens", lambda parts, batch, dtype: chunk // 2 + 3)
 
     bb = load_backbone("tiny_random", family="qwen2", device="cuda", dtype="bfloat16", seed=2,
                        tiny={"num_layers": 3, "hidden_size": 512, "num_heads": 8, "num_kv_heads": 2,

@@ -39,9 +39,13 @@ from flux.plan import Plan
 # (Halving it to 64 MiB cost 30% of TTFT at 128k on an H200: cuBLAS runs the smaller GEMMs far less efficiently.)
 CHUNK_BYTES = 128 * 2 ** 20
 # Query rows of one step of the chunked attention: bounds its query buffer (and the attention output and the output
-# projection's result, each the same size) to about this many bytes. The projections run in chunks of this many
-# tokens too: large GEMMs, and temporaries of the same size.
+# projection's result, each the same size) to about this many bytes.
 QUERY_CHUNK_BYTES = 128 * 2 ** 20
+# Tokens of one step of the q/k/v projection: bounds its temporaries (the normed input and the fused q/k/v output)
+# to about this many bytes. They sit at the prefill's memory peak next to the residual stream and the queries, and
+# at 128 MiB of queries they were 0.25 GiB of it (experiments/speed/h200_engine_v3); 4k-token GEMMs still run at
+# full speed.
+PROJECT_CHUNK_BYTES = 64 * 2 ** 20
 # From this many query tokens in a layer (batch x length), FA attention runs one query head at a time and writes
 # each head's output over its own queries, so a full-length output buffer never exists next to the queries.
 HEADWISE_FA_TOKENS = 65536
@@ -144,6 +148,13 @@ def host_decisions(sa: torch.Tensor, uniform: bool | None) -> list[bool]:
     return [bool(x) for x in sa.tolist()]
 
 
+def project_chunk_tokens(parts: ModelParts, batch: int, dtype: torch.dtype) -> int:
+    """Tokens per sample in one step of the q/k/v projection (its normed input plus its fused output)."""
+    width = parts.hidden + (parts.n_q + 2 * parts.n_kv) * parts.head_dim
+    per_token = width * torch.empty((), dtype=dtype).element_size()
+    return max(256, PROJECT_CHUNK_BYTES // (per_token * batch) // 256 * 256)
+
+
 def new_queries(b: int, t: int, parts: ModelParts, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised query tensor [B, H, T, D] laid out as [B, T, H, D], so `.transpose(1, 2).reshape(B, T,
     H * D)` (the output projection's input, once attention wrote over it) is free."""
@@ -197,6 +208,7 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
     cos, sin = parts.rotary(x[:1, :1], pos)
     chunk = chunk_tokens(parts, b, dtype)
     q_step = query_chunk_tokens(parts, b, dtype)
+    p_step = project_chunk_tokens(parts, b, dtype)
     keep_policy = pattern.kv_policy() is not None
     if hasattr(plan, "begin_forward"):
         plan.begin_forward(packed.valid)
@@ -213,10 +225,10 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
         q = None
         if probe is None:  # the plan reads every query: the layer's queries are computed in one buffer
             q = new_queries(b, t, parts, dtype, device)
-            project_in_chunks(parts, ops, blk, r, cos, sin, q_step, q, k_full, v_full)
+            project_in_chunks(parts, ops, blk, r, cos, sin, p_step, q, k_full, v_full)
             decision = plan.decide(layer, q, packed.segments)
         else:
-            project_in_chunks(parts, ops, blk, r, cos, sin, q_step, None, k_full, v_full)
+            project_in_chunks(parts, ops, blk, r, cos, sin, p_step, None, k_full, v_full)
             decision = plan.decide(layer, probe_queries(parts, ops, blk, r, cos, sin, probe), packed.segments)
         if decision.gate is not None:
             raise EngineError("this plan mixes FA and SA outputs with soft gates, which only the training forward "
@@ -227,7 +239,7 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
         keys, values = k_full[:, :, :t], v_full[:, :, :t]
         if q is None and not (all(sa) and pattern.chunkable_queries):
             q = new_queries(b, t, parts, dtype, device)
-            project_in_chunks(parts, ops, blk, r, cos, sin, q_step, q, None, None)
+            project_in_chunks(parts, ops, blk, r, cos, sin, p_step, q, None, None)
         if q is not None:
             layer_attention(pattern, ops, q, keys, values, sa, packed.lengths_host, parts.scale)
             q_rows = q.transpose(1, 2)
@@ -240,7 +252,7 @@ def prefill(parts: ModelParts, ops: TorchOps, pattern: SparsePattern, plan: Plan
             for s in range(0, t, q_step):
                 e = min(t, s + q_step)
                 qc = new_queries(b, e - s, parts, dtype, device)
-                project_in_chunks(parts, ops, blk, r[:, s:e], cos[:, s:e], sin[:, s:e], e - s, qc, None, None)
+                project_in_chunks(parts, ops, blk, r[:, s:e], cos[:, s:e], sin[:, s:e], p_step, qc, None, None)
                 qc.copy_(pattern.prefill_rows(qc, keys[:, :, :e], values[:, :, :e], parts.scale, backend=ops.name))
                 r[:, s:e] += blk.o_proj(qc.transpose(1, 2).reshape(b, e - s, h * d))
                 del qc
