@@ -245,6 +245,7 @@ SCORE_TILES = {t.name: t for t in (
     ScoreTiles(128, 128, 64, 8, 3),
     ScoreTiles(128, 128, 128, 8, 2),
     ScoreTiles(128, 256, 64, 8, 3),
+    ScoreTiles(256, 128, 64, 8, 3),
 )}
 DEFAULT_MAX_SCRATCH_BYTES = 512 * MIB
 
