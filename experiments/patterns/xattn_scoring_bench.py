@@ -46,7 +46,7 @@ BASELINE = ("two-pass", "r64c64d128w4s3")  # the kernel and tiling of the measur
 # fuller launches: at 256k one head's scratch is 0.3 GiB, so the default 512 MiB scores one head per launch)
 DEFAULT_TILES = ["r64c64d128w4s3", "r128c64d64w4s3", "r128c128d64w8s3", "r128c256d64w8s3", "r128c128d64w8s3:2048"]
 GPU_SHAPE = {"heads": 28, "kv_heads": 4, "head_dim": 128, "dtype": torch.bfloat16, "block": 128, "stride": 8,
-             "lengths": [32768, 131072, 262144], "check_length": 4096, "warmup": 2, "repeats": 5}
+             "lengths": [32768, 131072, 262144], "check_length": 4096, "warmup": 1, "repeats": 3}
 SMOKE_SHAPE = {"heads": 4, "kv_heads": 2, "head_dim": 16, "dtype": torch.float32, "block": 32, "stride": 4,
                "lengths": [200], "check_length": 150, "warmup": 0, "repeats": 1}
 
