@@ -24,7 +24,8 @@ from flux_kernels.reference import (
     xattn_block_scores_reference,
     xattn_select_reference,
 )
-from flux_kernels.xattn_scores import xattn_block_scores, xattn_block_scores_torch
+from flux_kernels import xattn_scores
+from flux_kernels.xattn_scores import SCORE_TILES, ScoreTiles, xattn_block_scores, xattn_block_scores_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -73,6 +74,83 @@ def test_scores_match_reference(batch, heads, kv_heads, length, dim, block, stri
         real = ((idx >= pads_list[b]) & (idx < length)).view(-1, stride).any(-1)
         per_block = real.view(n_blocks, block // stride).sum(-1).double()
         torch.testing.assert_close(ref[b].sum(-1), per_block.expand(heads, -1).to(ref.device))
+
+
+# batch, H, Hkv, T, D, block, stride, pads: stride 1 and 2 give enough strided rows (290, 150) that even the
+# 128 x 256 tilings walk several row and column tiles (the online max rescales across tiles)
+TILING_SHAPES = [
+    (2, 4, 2, 301, 32, 32, 4, [0, 45]),    # GQA 2:1, odd length, padding inside a block and a stride group
+    (2, 3, 1, 290, 16, 16, 1, [0, 37]),    # GQA 3:1, stride 1
+    (1, 2, 1, 300, 16, 32, 2, [5]),        # batch 1, padded
+]
+
+
+# the stride-1 shape is there for the big tilings; the 16 x 16 one already walks 5 x 5 tiles at stride 4
+TILING_CASES = [pytest.param(tiles, shape, id=f"{tiles}-{sid}") for tiles in sorted(SCORE_TILES)
+                for sid, shape in zip(("stride4", "stride1", "stride2"), TILING_SHAPES)
+                if not (sid == "stride1" and SCORE_TILES[tiles].rows < 64)]
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("tiles,shape", TILING_CASES)
+def test_every_tiling_matches_reference(tiles, passes, shape):
+    """Each named tiling, in the one-pass (scratch + fix-up) and two-pass kernels, against the float64 reference
+    and the torch fallback."""
+    batch, heads, kv_heads, length, dim, block, stride, pads = shape
+    q, k, _ = peaked_qkv(batch, heads, kv_heads, length, dim, block, [2], seed=length + stride)
+    pad = torch.tensor(pads, device=DEVICE)
+    ref = xattn_block_scores_reference(q, k, pad, block, stride, 0.3)
+    got = xattn_block_scores(q, k, block, stride, pad, 0.3, tiles=tiles, passes=passes)
+    torch.testing.assert_close(got.double(), ref, atol=2e-6, rtol=1e-5)
+    valid = left_padding_valid(pad, batch, length, DEVICE)
+    torch.testing.assert_close(got, xattn_block_scores_torch(q, k, valid, block, stride, 0.3), atol=2e-6, rtol=1e-5)
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel object: records each launch grid and forwards the launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+# (max_scratch_bytes, launch grids (units, row tiles)) for shape (2, 4, 2, 301, 32, block 32, stride 4) on the
+# 16 x 16 tiling: 8 units, 76 strided rows = 5 row tiles, 10 key blocks, 5 column tiles, so one row tile needs
+# 16 * 4 * (10 + 5 + 2) = 1088 bytes and one unit 5440
+SCRATCH_PLANS = [
+    (None, [(8, 5)]),                                  # the default bound holds every unit at once
+    (3 * 5440 + 100, [(3, 5), (3, 5), (2, 5)]),        # units in groups of 3, the last one short
+    (2 * 1088 + 10, [(1, 2), (1, 2), (1, 1)] * 8),     # one unit at a time, its row tiles in ranges of 2
+    (1088, [(1, 1)] * 40),                             # exactly one row tile per launch
+]
+
+
+@pytest.mark.parametrize("max_scratch,grids", SCRATCH_PLANS)
+def test_scratch_bound_groups_units_and_row_ranges(monkeypatch, max_scratch, grids):
+    """A scratch bound smaller than the whole problem splits the one-pass launches into unit groups, then row
+    ranges of one unit; the scores stay those of the reference."""
+    batch, heads, kv_heads, length, dim, block, stride, pads = TILING_SHAPES[0]
+    q, k, _ = peaked_qkv(batch, heads, kv_heads, length, dim, block, [1], seed=11)
+    pad = torch.tensor(pads, device=DEVICE)
+    recorder = _LaunchRecorder(xattn_scores._xattn_partials_kernel)
+    monkeypatch.setattr(xattn_scores, "_xattn_partials_kernel", recorder)
+    kwargs = {} if max_scratch is None else {"max_scratch_bytes": max_scratch}
+    got = xattn_block_scores(q, k, block, stride, pad, 0.3, tiles="r16c16d128w4s1", **kwargs)
+    assert recorder.grids == grids
+    torch.testing.assert_close(got.double(), xattn_block_scores_reference(q, k, pad, block, stride, 0.3),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_tiles_smaller_than_a_block_grow_to_it():
+    """block 128 at stride 2 puts 64 strided rows in a block: a 16 x 16 tiling is raised to whole blocks."""
+    q, k, _ = peaked_qkv(1, 2, 1, 200, 16, 128, [0], seed=12)
+    tiles = ScoreTiles(16, 16, 16, 4, 1)
+    assert tiles.fitted(64, 16) == ScoreTiles(64, 64, 16, 4, 1)
+    torch.testing.assert_close(xattn_block_scores(q, k, 128, 2, None, 0.3, tiles=tiles).double(),
+                               xattn_block_scores_reference(q, k, None, 128, 2, 0.3), atol=2e-6, rtol=1e-5)
 
 
 def test_scores_strided_inputs():
@@ -191,6 +269,14 @@ def test_bad_arguments():
         xattn_block_scores(q, k, 24, 4)
     with pytest.raises(ValueError, match="stride=3 must be >= 1 and divide block_size=16"):
         xattn_block_scores(q, k, 16, 3)
+    with pytest.raises(ValueError, match="tiles='big' is not a known tiling; use one of r16c16d128w4s1"):
+        xattn_block_scores(q, k, 16, 4, tiles="big")
+    with pytest.raises(ValueError, match="tiles.cols=24 must be a power of two >= 16"):
+        xattn_block_scores(q, k, 16, 4, tiles=ScoreTiles(16, 24, 16, 4, 1))
+    with pytest.raises(ValueError, match="passes=3 must be 1"):
+        xattn_block_scores(q, k, 16, 4, passes=3)
+    with pytest.raises(ValueError, match="max_scratch_bytes=100 is below the 320 bytes one tile"):
+        xattn_block_scores(q, k, 16, 4, max_scratch_bytes=100, tiles="r16c16d128w4s1")
     with pytest.raises(ValueError, match="threshold=1.5 must lie in"):
         select_blocks(torch.zeros(1, 2, 2, 2), None, 16, 32, threshold=1.5)
     with pytest.raises(ValueError, match="exactly one of threshold or density"):
@@ -223,3 +309,19 @@ def test_gpu_real_shapes():
     want = block_sparse_attention_reference(q[:, :2], k[:, :1], v[:, :1], keep[:, :2], 128, pad)[:, :, lo:hi]
     err = (out[:, :2, lo:hi].double() - want.double()).norm() / want.double().norm()
     assert err.item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [name for name, t in SCORE_TILES.items() if t.rows >= 64])
+def test_gpu_tilings_agree(tiles):
+    """bf16 Qwen-like heads at 8k with padding: every GPU tiling, one pass and two, against the float64 reference
+    on a slice of heads (compiled kernels: the interpreter does not check shared memory or register limits)."""
+    torch.manual_seed(1)
+    b, h, hk, t, d = 2, 28, 4, 8192, 128
+    q = torch.randn(b, h, t, d, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(b, hk, t, d, device=DEVICE, dtype=torch.bfloat16)
+    pad = torch.tensor([0, 777], device=DEVICE)
+    ref = xattn_block_scores_reference(q[:, :7], k[:, :1], pad, 128, 8)
+    for passes in (1, 2):
+        got = xattn_block_scores(q, k, 128, 8, pad, tiles=tiles, passes=passes)[:, :7].double()
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-2
