@@ -105,11 +105,16 @@ def block_sparse_attention(
     scale: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse causal attention of a prompt: q [B, H, T, D], k/v [B, Hkv, T, D] (unit head_dim stride).
 
     kv_blocks [B, H, NB, L] int32 (first ``kv_counts[b, h, i]`` entries: key blocks of query block i, each at most
     i and none twice), kv_counts [B, H, NB] int32. Returns [B, H, T, D] in q's dtype, laid out as [B, T, H, D].
+    ``block_m``/``block_n`` (query rows per program, keys per step; each must divide block_size), ``num_warps`` and
+    ``num_stages`` override the default tiling (experiments/patterns/xattn_scoring_bench.py --attn-tiles times
+    alternatives on a GPU).
     """
     what = "block_sparse_attention"
     batch, heads, kv_heads, q_len, kv_len, head_dim = check_qkv(q, k, v, what)
@@ -131,6 +136,7 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     bm, bn, warps, stages = _default_tiles(block_size, head_dim, q.dtype, q.device)
     bm, bn = block_m or bm, block_n or bn
+    warps, stages = num_warps or warps, num_stages or stages
     if block_size % bm or block_size % bn:
         raise ValueError(f"{what}: block_m={bm} and block_n={bn} must divide block_size={block_size}")
     out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)

@@ -246,6 +246,22 @@ def test_block_sparse_attention_matches_reference(batch, heads, kv_heads, length
         assert not bool(out[b, :, :p].any())  # padding rows are zeros
 
 
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16)])
+def test_block_sparse_attention_tiling_overrides_match_reference(block_m, block_n):
+    """The tiling knobs the GPU bench sweeps (rows per program, keys per step, warps, stages) change nothing but
+    speed: a padded GQA batch against the reference."""
+    batch, heads, kv_heads, length, dim, block, stride, pads = SHAPES[3]  # block 32: both tilings differ
+    q, k, v = peaked_qkv(batch, heads, kv_heads, length, dim, block, [1, 3], seed=length + 2)
+    pad = None if pads is None else torch.tensor(pads, device=DEVICE)
+    valid = None if pad is None else left_padding_valid(pad, batch, length, DEVICE)
+    keep = select_blocks(xattn_block_scores(q, k, block, stride, pad, 0.3), valid, block, length, threshold=0.7)
+    blocks, counts = block_lists(keep)
+    out = block_sparse_attention(q, k, v, blocks, counts, block, pad, scale=0.3, block_m=min(block_m, block),
+                                 block_n=min(block_n, block), num_warps=2, num_stages=1)
+    ref = block_sparse_attention_reference(q, k, v, keep, block, pad, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_block_sparse_skips_blocks_not_listed():
     """Every row keeps only its sink and diagonal blocks; the keys of blocks 1..3 are poisoned with NaN. Rows of
     blocks 4 and 5 never list them, so finite exact outputs there prove unlisted blocks are never loaded."""

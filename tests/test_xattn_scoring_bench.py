@@ -21,6 +21,12 @@ def bench():
     return module
 
 
+def test_attention_tiling_specs_parse_or_say_how(bench):
+    assert bench.attn_tiling("128x64w8s3") == {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+    with pytest.raises(SystemExit, match="write MxNwWsS"):
+        bench.attn_tiling("128-64")
+
+
 def test_flop_count_is_the_causal_strided_multiply_adds(bench):
     """2 * stride * head_dim per (strided row, strided column <= row) per head, counted by brute force."""
     heads, length, dim, stride = 3, 37, 16, 4
@@ -31,10 +37,11 @@ def test_flop_count_is_the_causal_strided_multiply_adds(bench):
 
 def test_smoke_run_times_every_variant(bench, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rows = bench.main(["--smoke", "--tiles", "r16c16d128w4s1", "r128c128d64w8s3:1", "--out", str(out)])
+    rows = bench.main(["--smoke", "--tiles", "r16c16d128w4s1", "r128c128d64w8s3:1", "--attn-tiles", "32x16w2s1",
+                       "--out", str(out)])
     labels = [r["variant"] for r in rows]
     assert labels == ["two-pass r64c64d128w4s3", "one-pass r16c16d128w4s1",
-                      "one-pass r128c128d64w8s3 scratch 1 MiB", "pattern (default tiles)"]
+                      "one-pass r128c128d64w8s3 scratch 1 MiB", "attention 32x16w2s1", "pattern (default tiles)"]
     shape = bench.SMOKE_SHAPE
     flops = bench.scoring_flops(shape["heads"], shape["lengths"][0], shape["head_dim"], shape["stride"])
     for row in rows:
@@ -45,4 +52,4 @@ def test_smoke_run_times_every_variant(bench, tmp_path, capsys):
     assert json.loads(out.read_text())["rows"] == rows
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-len(rows) - 2].startswith("| length | variant | scoring ms | scoring TFLOP/s")
-    assert sum(line.startswith("check ") for line in printed) == 3  # each scoring variant checked
+    assert sum(line.startswith("check ") for line in printed) == 4  # each scoring variant and attention tiling

@@ -10,6 +10,9 @@ scores need, stride * head_dim per (strided row, strided column <= row) per head
 prefill with that variant's scoring: scoring, block selection at density 0.1, block lists and block-sparse
 attention (the steps of ``XAttentionPattern.triton_prefill``); the ``pattern`` row times
 ``get_pattern("xattn", density=0.1).prefill`` itself (default tiling) as a check on the composed rows.
+``--attn-tiles MxNwWsS ...`` also times the block-sparse attention's tilings (M query rows per program, N keys per
+step, W warps, S pipeline stages; e.g. 128x64w8s3, the default): rows ``attention MxNwWsS``, each checked against
+the float64 reference first, with the default scoring (its time in the row) and that attention tiling.
 ``--smoke`` runs the same code on a CPU at a tiny shape through Triton's interpreter (tests).
 """
 
@@ -35,6 +38,7 @@ use_interpreter_without_cuda()
 
 from flux_kernels.block_select import block_lists, select_blocks  # noqa: E402
 from flux_kernels.block_sparse_prefill import block_sparse_attention  # noqa: E402
+from flux_kernels.reference import block_sparse_attention_reference  # noqa: E402
 from flux_kernels.xattn_scores import xattn_block_scores, xattn_block_scores_torch  # noqa: E402
 
 from flux.attention.patterns import get_pattern  # noqa: E402
@@ -91,6 +95,48 @@ def variants(tiles: list[str]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def attn_tiling(spec: str) -> dict[str, int]:
+    """'128x64w8s3' -> block_sparse_attention's tiling keywords."""
+    try:
+        rows_cols, rest = spec.split("w")
+        bm, bn = (int(x) for x in rows_cols.split("x"))
+        warps, stages = (int(x) for x in rest.split("s"))
+    except ValueError:
+        raise SystemExit(f"--attn-tiles {spec!r}: write MxNwWsS, e.g. 128x64w8s3") from None
+    return {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+
+
+def check_attn_tilings(shape: dict[str, Any], specs: list[str], device: torch.device, block: int,
+                       stride: int) -> dict[str, str]:
+    """Each attention tiling against the float64 reference on two left-padded GQA samples at 10% density; returns
+    {label: error} for tilings that do not compile. A wrong result raises."""
+    length = shape["check_length"]
+    gen = torch.Generator(device=device).manual_seed(11)
+    h, hk, d, dt = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["dtype"]
+    q = torch.randn(2, h, length, d, device=device, dtype=dt, generator=gen)
+    k = torch.randn(2, hk, length, d, device=device, dtype=dt, generator=gen)
+    v = torch.randn(2, hk, length, d, device=device, dtype=dt, generator=gen)
+    pad = torch.tensor([0, length // 3 + 5], device=device)
+    valid = torch.arange(length, device=device)[None, :] >= pad[:, None]
+    scale = d ** -0.5
+    keep = select_blocks(xattn_block_scores(q, k, block, stride, pad, scale), valid, block, length, density=DENSITY)
+    blocks, counts = block_lists(keep)
+    want = block_sparse_attention_reference(q.double(), k.double(), v.double(), keep, block, pad, scale)
+    failed = {}
+    for spec in specs:
+        label = f"attention {spec}"
+        try:
+            got = block_sparse_attention(q, k, v, blocks, counts, block, pad, scale, **attn_tiling(spec))
+        except Exception as err:  # noqa: BLE001 -- a tiling that cannot compile is reported, not fatal
+            failed[label] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            continue
+        err = (got.double() - want).abs().max().item()
+        tol = 1e-4 if dt == torch.float32 else 3e-2
+        assert err < tol, f"{label}: max abs error {err:.3g} against the float64 reference exceeds {tol}"
+        print(f"check {label}: max abs error {err:.2e} at {length} tokens (padded, GQA)", flush=True)
+    return failed
+
+
 def random_prompt(shape: dict[str, Any], length: int, device: torch.device, seed: int):
     gen = torch.Generator(device=device).manual_seed(seed)
     h, hk, d, dt = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["dtype"]
@@ -130,7 +176,7 @@ def check_variants(shape: dict[str, Any], labelled: list[tuple[str, dict[str, An
 
 def length_rows(shape: dict[str, Any], labelled: list[tuple[str, dict[str, Any]]], failed: dict[str, str],
                 length: int, device: torch.device, block: int, stride: int,
-                max_scratch_bytes: int | None) -> list[dict[str, Any]]:
+                max_scratch_bytes: int | None, attn_specs: list[str] = ()) -> list[dict[str, Any]]:
     q, k, v = random_prompt(shape, length, device, seed=length)
     d, warm, reps = shape["head_dim"], shape["warmup"], shape["repeats"]
     scale = d ** -0.5
@@ -159,6 +205,28 @@ def length_rows(shape: dict[str, Any], labelled: list[tuple[str, dict[str, Any]]
         rows.append(row)
         print(f"{length} {label}: scoring {row['scoring_ms']:.2f} ms ({row['scoring_tflops']:.3g} TFLOP/s), "
               f"attention {row['attn_ms']:.2f} ms, dense {dense_ms:.2f} ms", flush=True)
+    if attn_specs:
+        def default_score():
+            return xattn_block_scores(q, k, block, stride, None, scale)
+
+        scoring_ms = time_ms(default_score, warm, reps)
+        for spec in attn_specs:
+            label = f"attention {spec}"
+            row = {"length": length, "variant": label, "dense_ms": dense_ms}
+            if label in failed:
+                rows.append({**row, "error": failed[label]})
+                continue
+
+            def attend_tiled(tiling=attn_tiling(spec)):
+                keep = select_blocks(default_score(), None, block, length, density=DENSITY)
+                blocks, counts = block_lists(keep)
+                return block_sparse_attention(q, k, v, blocks, counts, block, None, scale, **tiling)
+
+            row.update(scoring_ms=scoring_ms, scoring_tflops=flops / (scoring_ms * 1e9),
+                       attn_ms=time_ms(attend_tiled, warm, reps))
+            rows.append(row)
+            print(f"{length} {label}: attention {row['attn_ms']:.2f} ms (scoring {scoring_ms:.2f} ms), dense "
+                  f"{dense_ms:.2f} ms", flush=True)
     pattern = get_pattern("xattn", density=DENSITY, block_size=block, stride=stride)
     rows.append({"length": length, "variant": "pattern (default tiles)", "dense_ms": dense_ms,
                  "attn_ms": time_ms(lambda: pattern.prefill(q, k, v, None, scale, "triton"), warm, reps)})
@@ -194,6 +262,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="scratch bound of the one-pass tilings given without :MIB (default: the kernel's)")
     parser.add_argument("--block", type=int, help="block size (default 128, the pattern's)")
     parser.add_argument("--stride", type=int, help="antidiagonal stride (default 8, the pattern's)")
+    parser.add_argument("--attn-tiles", nargs="+", default=[],
+                        help="block-sparse attention tilings to time with the default scoring, as MxNwWsS (query rows "
+                             "per program x keys per step, warps, stages), e.g. 128x64w8s3 128x128w8s3")
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (tests)")
     args = parser.parse_args(argv)
@@ -212,9 +283,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"heads {shape['heads']}/{shape['kv_heads']}, head_dim {shape['head_dim']}, {shape['dtype']}, "
           f"block {block}, stride {stride}", flush=True)
     failed = check_variants(shape, labelled, device, block, stride)
+    failed.update(check_attn_tilings(shape, args.attn_tiles, device, block, stride))
     rows = []
     for length in shape["lengths"]:
-        rows += length_rows(shape, labelled, failed, length, device, block, stride, scratch)
+        rows += length_rows(shape, labelled, failed, length, device, block, stride, scratch, args.attn_tiles)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(device), "shape": {**shape, "dtype": str(shape["dtype"])}, "rows": rows}, f,
