@@ -3,7 +3,8 @@
 Every buffer is allocated before the first step and every counter lives on the device: the step reads the token and
 real position of each sample, appends its K/V (full cache: slot = position; ring: the slot that just left the
 window), attends, samples the next token, records it and advances the counters in place. A layer whose samples all
-use one cache runs one attention call; a mixed layer gathers each cache's rows, attends, and scatters back.
+use one cache runs one attention call; in a layer whose samples disagree, each row writes and reads its own cache
+(full or ring) within the same single launch of the split-KV kernel, without gathers.
 Finished samples keep stepping (their tokens are replaced by the pad id), so the graph never changes shape; the host
 only looks at the device every few steps to see whether everyone is done.
 """
