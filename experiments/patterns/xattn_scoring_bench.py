@@ -42,7 +42,7 @@ from flux_kernels.reference import block_sparse_attention_reference  # noqa: E40
 from flux_kernels.xattn_scores import xattn_block_scores, xattn_block_scores_torch  # noqa: E402
 
 from flux.attention.patterns import get_pattern  # noqa: E402
-from flux.bench import sdpa_causal  # noqa: E402
+from flux.bench import cuda_time, sdpa_causal  # noqa: E402
 
 DENSITY = 0.1
 BASELINE = ("two-pass", "r64c64d128w4s3")  # the kernel and tiling of the measured 76 ms at 128k
@@ -56,22 +56,16 @@ SMOKE_SHAPE = {"heads": 4, "kv_heads": 2, "head_dim": 16, "dtype": torch.float32
 
 
 def time_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    """Median milliseconds per call: CUDA events on a GPU, the wall clock on the CPU (smoke runs)."""
+    """Median milliseconds per call: flux.bench's CUDA-event timer on a GPU, the wall clock on the CPU (smoke runs)."""
+    if torch.cuda.is_available():
+        return cuda_time(fn, warmup, repeats)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
@@ -106,19 +100,27 @@ def attn_tiling(spec: str) -> dict[str, int]:
     return {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
 
 
-def check_attn_tilings(shape: dict[str, Any], specs: list[str], device: torch.device, block: int,
-                       stride: int) -> dict[str, str]:
-    """Each attention tiling against the float64 reference on two left-padded GQA samples at 10% density; returns
-    {label: error} for tilings that do not compile. A wrong result raises."""
+def padded_check_prompt(shape: dict[str, Any], device: torch.device, seed: int):
+    """(q, k, v, pad, valid) of the correctness checks: two GQA samples of check_length tokens, the second left-padded
+    off a block boundary."""
     length = shape["check_length"]
-    gen = torch.Generator(device=device).manual_seed(11)
+    gen = torch.Generator(device=device).manual_seed(seed)
     h, hk, d, dt = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["dtype"]
     q = torch.randn(2, h, length, d, device=device, dtype=dt, generator=gen)
     k = torch.randn(2, hk, length, d, device=device, dtype=dt, generator=gen)
     v = torch.randn(2, hk, length, d, device=device, dtype=dt, generator=gen)
     pad = torch.tensor([0, length // 3 + 5], device=device)
     valid = torch.arange(length, device=device)[None, :] >= pad[:, None]
-    scale = d ** -0.5
+    return q, k, v, pad, valid
+
+
+def check_attn_tilings(shape: dict[str, Any], specs: list[str], device: torch.device, block: int,
+                       stride: int) -> dict[str, str]:
+    """Each attention tiling against the float64 reference on two left-padded GQA samples at 10% density; returns
+    {label: error} for tilings that do not compile. A wrong result raises."""
+    length, dt = shape["check_length"], shape["dtype"]
+    q, k, v, pad, valid = padded_check_prompt(shape, device, seed=11)
+    scale = shape["head_dim"] ** -0.5
     keep = select_blocks(xattn_block_scores(q, k, block, stride, pad, scale), valid, block, length, density=DENSITY)
     blocks, counts = block_lists(keep)
     want = block_sparse_attention_reference(q.double(), k.double(), v.double(), keep, block, pad, scale)
@@ -151,14 +153,9 @@ def check_variants(shape: dict[str, Any], labelled: list[tuple[str, dict[str, An
                    block: int, stride: int) -> dict[str, str]:
     """Each variant against the torch fallback on two left-padded GQA samples; returns {label: error} for the
     variants that do not compile (e.g. a tiling over the shared-memory limit). A wrong result raises."""
-    length = shape["check_length"]
-    gen = torch.Generator(device=device).manual_seed(7)
-    h, hk, d, dt = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["dtype"]
-    q = torch.randn(2, h, length, d, device=device, dtype=dt, generator=gen)
-    k = torch.randn(2, hk, length, d, device=device, dtype=dt, generator=gen)
-    pad = torch.tensor([0, length // 3 + 5], device=device)
-    valid = torch.arange(length, device=device)[None, :] >= pad[:, None]
-    scale = d ** -0.5
+    length, dt = shape["check_length"], shape["dtype"]
+    q, k, _, pad, valid = padded_check_prompt(shape, device, seed=7)
+    scale = shape["head_dim"] ** -0.5
     want = xattn_block_scores_torch(q, k, valid, block, stride, scale)
     failed = {}
     for label, kwargs in labelled:
